@@ -1,0 +1,163 @@
+"""Load a run config: YAML file (with an optional ``base:`` chain), ``--set`` overrides, validation.
+
+Every problem is collected and reported at once as a :class:`UserError` (exit 2) that names the
+key, what was given and what would be valid, with a did-you-mean hint for misspelt keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from gmp_dist.config.schema import RunConfig
+from gmp_dist.errors import UserError
+
+_YAML_BOOL_WORDS = {"on", "off", "yes", "no", "y", "n", "true", "false"}
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read ``path`` (None: all defaults), apply ``key.sub=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_with_bases(Path(path), seen=())
+        raw.setdefault("name", Path(path).stem)
+    for item in overrides:
+        _apply_override(raw, item)
+    return validate_config(raw, source=str(path) if path else "<defaults>")
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
+    problems = _key_problems(raw, RunConfig, prefix="")
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        # Unknown keys are already reported above, with a did-you-mean hint.
+        problems += [_describe(err, raw) for err in exc.errors() if err["type"] != "extra_forbidden"]
+    else:
+        if not problems:
+            return cfg
+    raise UserError(
+        f"invalid config {source}: {len(problems)} problem(s)\n  - " + "\n  - ".join(problems)
+    )
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """YAML text that :func:`load_config` reads back into an equal config."""
+    return yaml.safe_dump(cfg.model_dump(mode="python"), sort_keys=False)
+
+
+def flatten_config(cfg: RunConfig) -> dict[str, Any]:
+    """``{"prune.sparsity": 0.9, ...}`` — the MLflow params of a run."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(cfg.model_dump(mode="python"), "")
+    return flat
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist (give a path to a YAML file, e.g. configs/quickstart/gmp90.yaml)")
+    if path.resolve() in seen:
+        raise UserError(f"config {path}: 'base:' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config {path} must be a YAML mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise UserError(f"config {path}: 'base' must be a relative path string, got {base!r}")
+    parent = _read_with_bases((path.parent / base), seen + (path.resolve(),))
+    parent.pop("name", None)
+    return _deep_merge(parent, data)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=5")
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _key_problems(raw: Any, model: type[BaseModel], prefix: str) -> list[str]:
+    """Unknown keys anywhere in the tree, with did-you-mean hints (pydantic gives none)."""
+    if not isinstance(raw, dict):
+        return []
+    problems: list[str] = []
+    fields = model.model_fields
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            hint = " (YAML reads unquoted on/off/yes/no as booleans: quote the key)" if isinstance(key, bool) else ""
+            problems.append(f"{prefix}{key!r}: keys must be strings{hint}")
+            continue
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            valid = ", ".join(sorted(fields))
+            problems.append(f"{prefix}{key}: unknown key{hint} (valid keys here: {valid})")
+            continue
+        sub = _section_type(fields[key].annotation)
+        if sub is not None:
+            problems.extend(_key_problems(value, sub, f"{prefix}{key}."))
+    return problems
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+    given = err.get("input")
+    msg = err["msg"]
+    hint = ""
+    if isinstance(given, str):
+        try:
+            float(given)
+            hint = (f" — the value is the string {given!r}: PyYAML reads exponent floats without a dot as"
+                    f" strings; write it as {float(given)!r} or with a dot, like 1.0e-3")
+        except ValueError:
+            if given.lower() in _YAML_BOOL_WORDS:
+                hint = f" — got the string {given!r}; for a boolean write true or false"
+    elif isinstance(given, bool) and err["type"] in {"string_type", "literal_error"}:
+        hint = " — YAML reads unquoted on/off/yes/no as booleans: quote the value"
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"{loc or '<root>'}: {msg}{shown}{hint}"

@@ -1,0 +1,163 @@
+"""The typed, frozen run configuration.
+
+Every section forbids unknown keys and is strict about types, so a YAML trap such as
+``lr: 1e-3`` (PyYAML reads it as a string) is reported instead of silently coerced.
+Loading, overrides and error formatting live in ``config.load``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# Pydantic's strict mode refuses ints for float fields; an int is a perfectly good float in
+# a config file, so floats are declared through this alias that allows exactly that.
+Float = float
+
+
+class ModelCfg(Section):
+    name: str = "digits_cnn"
+    # Local path to a state_dict, "torchvision:<WeightsEnum.NAME>", or an MLflow artifact URI
+    # ("runs:/<run_id>/<path>", "models:/...", "mlflow-artifacts:/...").
+    pretrained: Optional[str] = None
+    num_classes: Optional[int] = Field(default=None, ge=1)
+    # Extra keyword arguments for the model constructor (e.g. {"dropout": 0.3}).
+    kwargs: dict[str, object] = Field(default_factory=dict)
+
+
+class DataCfg(Section):
+    name: Literal["digits", "imagenet", "cifar10", "har2", "synthetic"] = "digits"
+    # Folder that holds the converted files (train/val .beton or tensors). None: the data
+    # set's default under ./data/<name> (digits is converted on first use).
+    path: Optional[str] = None
+    loader: Literal["auto", "ffcv", "torchvision"] = "auto"
+    batch_size_per_worker: int = Field(default=64, ge=1)
+    val_batch_size_per_worker: Optional[int] = Field(default=None, ge=1)
+    num_workers: int = Field(default=0, ge=0)
+    os_cache: bool = True
+    batches_ahead: int = Field(default=3, ge=1)
+    # ImageNet resolution used for training crops and for validation.
+    image_size: int = Field(default=224, ge=8)
+    val_resize: int = Field(default=256, ge=8)
+    # Synthetic data only: how many samples to generate.
+    synthetic_samples: int = Field(default=512, ge=8)
+
+
+class GradualCfg(Section):
+    initial_sparsity: Float = Field(default=0.0, ge=0.0, lt=1.0)
+    start: int = Field(default=0, ge=0)
+    end: int = Field(default=10, ge=0)
+    every: int = Field(default=1, ge=1)
+    unit: Literal["epoch", "step"] = "epoch"
+    shape: Literal["cubic", "linear"] = "cubic"
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "GradualCfg":
+        if self.end < self.start:
+            raise ValueError(f"gradual.end ({self.end}) must be >= gradual.start ({self.start})")
+        return self
+
+
+class StructuredCfg(Section):
+    """FastGRNN column pruning (paper §HAR-2): target rank per low-rank factor."""
+
+    ranks: dict[str, int] = Field(default_factory=dict)
+
+
+class PruneCfg(Section):
+    method: Literal["none", "global_mp", "structured"] = "global_mp"
+    schedule: Literal["oneshot", "gradual"] = "oneshot"
+    sparsity: Float = Field(default=0.9, ge=0.0, lt=1.0)
+    min_weights: Optional[int] = Field(default=None, ge=0)
+    min_threshold_pct: Optional[Float] = Field(default=None, ge=0.0, le=100.0)
+    mt_mode: Literal["exact", "reference"] = "exact"
+    exclude: list[str] = Field(default_factory=list)
+    allow_collapse: bool = False
+    gradual: GradualCfg = Field(default_factory=GradualCfg)
+    structured: StructuredCfg = Field(default_factory=StructuredCfg)
+
+    @model_validator(mode="after")
+    def _one_mt(self) -> "PruneCfg":
+        if self.min_weights is not None and self.min_threshold_pct is not None:
+            raise ValueError("give at most one of prune.min_weights and prune.min_threshold_pct")
+        return self
+
+
+class TrainCfg(Section):
+    epochs: int = Field(default=10, ge=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: Float = Field(default=0.1, gt=0.0)
+    momentum: Float = Field(default=0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: Float = Field(default=0.0, ge=0.0)
+    no_decay_on_bn_and_bias: bool = False
+    lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: int = Field(default=0, ge=0)
+    step_size: int = Field(default=30, ge=1)
+    gamma: Float = Field(default=0.1, gt=0.0)
+    label_smoothing: Float = Field(default=0.0, ge=0.0, lt=1.0)
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    # Stop after this many optimizer steps per epoch (smoke tests); None runs full epochs.
+    max_steps_per_epoch: Optional[int] = Field(default=None, ge=1)
+    log_every_steps: int = Field(default=50, ge=1)
+
+
+class ScalingCfg(Section):
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: Float = Field(default=1.0, gt=0.0)
+    gpus_per_worker: Float = Field(default=1.0, ge=0.0)
+    # Run the engine in this process without Ray (debugging, single-process tests).
+    use_ray: bool = True
+
+
+class TrackingCfg(Section):
+    enabled: bool = True
+    # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
+    uri: Optional[str] = None
+    run_name: Optional[str] = None
+    log_checkpoint_artifact: bool = True
+
+
+class CheckpointCfg(Section):
+    every_epochs: int = Field(default=1, ge=1)
+    # Ray Train storage (a shared filesystem path or s3:// URI on a cluster).
+    storage_path: str = "./runs"
+    num_to_keep: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=0, ge=-1)
+    # Resume a previous run with the same name under storage_path.
+    resume: bool = False
+
+
+class ReferenceCfg(Section):
+    """The paper's reported result for this recipe, for reports to compare against."""
+
+    table: Optional[str] = None
+    top1: Optional[Float] = None
+    flops_pruned: Optional[Float] = None
+    params: Optional[str] = None
+    note: Optional[str] = None
+
+
+class RunConfig(Section):
+    experiment: str = "default"
+    # Ray Train run name; None derives one from the config file name.
+    name: Optional[str] = None
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    data: DataCfg = Field(default_factory=DataCfg)
+    prune: PruneCfg = Field(default_factory=PruneCfg)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    scaling: ScalingCfg = Field(default_factory=ScalingCfg)
+    tracking: TrackingCfg = Field(default_factory=TrackingCfg)
+    checkpoint: CheckpointCfg = Field(default_factory=CheckpointCfg)
+    reference: ReferenceCfg = Field(default_factory=ReferenceCfg)
