@@ -1,0 +1,4 @@
+"""Pure pruning math: selection, the Global MP + MT decision, masks, schedules, reports.
+
+Nothing here imports torch.distributed, Ray, MLflow or the config module (design.md §2).
+"""

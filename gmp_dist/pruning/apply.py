@@ -1,0 +1,42 @@
+"""One pruning event on replicated weights (DDP): split the work, decide, build every mask.
+
+Under DDP every rank holds all layers. The statistics work is shared by giving each rank whole layers,
+balanced by size; the decision comes out identical everywhere (the protocol ends with an all-reduce of
+every number it uses), and each rank then builds the masks of all layers locally.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Sequence
+
+import torch
+
+from gmp_dist.pruning.global_mp import LOCAL, Collective, Decision, Shard, decide
+from gmp_dist.pruning.masks import cut_mask
+from gmp_dist.pruning.reference_mt import reference_mt_masks
+
+
+def owned_layers(sizes: Sequence[int], world_size: int) -> list[list[int]]:
+    """Layers per rank, largest first onto the least-loaded rank (deterministic)."""
+    heap = [(0, rank) for rank in range(world_size)]
+    owned: list[list[int]] = [[] for _ in range(world_size)]
+    for layer in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        load, rank = heapq.heappop(heap)
+        owned[rank].append(layer)
+        heapq.heappush(heap, (load + sizes[layer], rank))
+    return [sorted(layers) for layers in owned]
+
+
+def decide_masks(tensors: Sequence[torch.Tensor], sparsity: float, min_weights: int = 0, mt_mode: str = "exact",
+                 comm: Collective = LOCAL, rank: int = 0, world_size: int = 1,
+                 ) -> tuple[list[torch.Tensor], Decision | None]:
+    """Masks for all ``tensors`` (canonical order). ``reference`` MT has no distributed decision: every
+    rank runs it on its full replica (deterministic), and the caller verifies the checksums agree."""
+    if mt_mode == "reference" and min_weights > 0:
+        return reference_mt_masks(tensors, sparsity, min_weights), None
+    sizes = [t.numel() for t in tensors]
+    mine = owned_layers(sizes, world_size)[rank]
+    decision = decide([Shard(i, 0, tensors[i]) for i in mine], sizes, sparsity, min_weights, comm)
+    masks = [cut_mask(t, decision.layer_cut_bits[i], decision.layer_ties_kept[i]) for i, t in enumerate(tensors)]
+    return masks, decision
