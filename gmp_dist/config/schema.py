@@ -109,6 +109,8 @@ class TrainCfg(Section):
     deterministic: bool = False
     # Stop after this many optimizer steps per epoch (smoke tests); None runs full epochs.
     max_steps_per_epoch: Optional[int] = Field(default=None, ge=1)
+    # Stop (as if interrupted) after this many epochs; the LR schedule still spans train.epochs.
+    stop_after_epochs: Optional[int] = Field(default=None, ge=1)
     log_every_steps: int = Field(default=50, ge=1)
 
 
@@ -140,7 +142,11 @@ class CheckpointCfg(Section):
 
 
 class ReferenceCfg(Section):
-    """The paper's reported result for this recipe, for reports to compare against."""
+    """The paper's reported result for this recipe, for reports to compare against.
+
+    Units are the paper's: ``top1`` and ``flops_pruned`` in percent (metrics logged by runs use a
+    fraction for ``flops_pruned`` and ``sparsity``; reports convert).
+    """
 
     table: Optional[str] = None
     top1: Optional[Float] = None

@@ -1,0 +1,180 @@
+"""`gmp-dist train CONFIG [--set key=value ...]`: validate, open the MLflow run, launch the workers.
+
+Everything that can be checked before a worker starts is checked here (config, model name, pretrained
+file, data files, MT feasibility), so bad input costs seconds, exits 2 and leaves no MLflow run behind.
+The run ends FINISHED on success and FAILED (or KILLED on Ctrl-C) otherwise — never left RUNNING.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from gmp_dist.config import RunConfig, load_config
+from gmp_dist.errors import UserError
+from gmp_dist.models import build_model
+from gmp_dist.pruning.global_mp import kept_budget
+from gmp_dist.pruning.masks import resolve_min_weights
+from gmp_dist.pruning.selection import prunable_parameters
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config, e.g. configs/quickstart/gmp90.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gmp_dist.config import dump_config
+
+    cfg = load_config(args.config, args.overrides)
+    preflight(cfg)
+    if args.dry_run:
+        print(dump_config(cfg))
+        return 0
+    result = run_training(cfg)
+    print(summary_line(cfg, result))
+    return 0
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Checks that need no worker: raise UserError naming the key and what would be valid."""
+    from gmp_dist.data.loaders import resolve_data_dir
+
+    with torch.device("meta"):  # shapes only
+        model = build_model(cfg.model.name, cfg.model.num_classes, **cfg.model.kwargs)
+    pretrained = cfg.model.pretrained
+    if pretrained and ":" not in pretrained.split("/")[0] and not Path(pretrained).is_file():
+        raise UserError(f"model.pretrained: file {pretrained} does not exist (give a state_dict path,"
+                        " torchvision:<Weights.NAME> or an MLflow artifact URI runs:/<run_id>/<path>)")
+    folder = resolve_data_dir(cfg)
+    if cfg.data.name not in ("digits", "synthetic") and folder is not None and not folder.exists():
+        raise UserError(f"data.path: {folder} does not exist; convert the data first with"
+                        f" `gmp-dist data {cfg.data.name} --src … --out {folder}`")
+    _check_run_folder(cfg)
+    sizes = [p.numel() for _, p in prunable_parameters(model, cfg.prune.exclude)]
+    if cfg.prune.method == "global_mp" and sizes:
+        m = resolve_min_weights(sum(sizes), cfg.prune.min_weights, cfg.prune.min_threshold_pct)
+        protected = sum(min(m, n) for n in sizes)
+        if protected > kept_budget(sum(sizes), cfg.prune.sparsity):
+            raise UserError(f"prune.sparsity {cfg.prune.sparsity} is infeasible with {m} weights per layer: the"
+                            f" largest reachable sparsity is {1 - protected / sum(sizes):.6f}")
+    if cfg.prune.method == "structured":
+        names = {n for n, _ in prunable_parameters(model)}
+        unknown = sorted(set(cfg.prune.structured.ranks) - names)
+        if unknown or not cfg.prune.structured.ranks:
+            raise UserError(f"prune.structured.ranks: unknown tensors {unknown} (prunable: {sorted(names)})"
+                            if unknown else "prune.method: structured needs prune.structured.ranks")
+
+
+def run_folder(cfg: RunConfig) -> Path:
+    return Path(cfg.checkpoint.storage_path).resolve() / (cfg.name or "run")
+
+
+def _check_run_folder(cfg: RunConfig) -> None:
+    """Never train over an earlier run's checkpoints by accident (Ray Train V2 would even resume it)."""
+    folder = run_folder(cfg)
+    if not cfg.checkpoint.resume and folder.exists() and any(folder.rglob("checkpoint.pt")):
+        raise UserError(f"run folder {folder} already holds checkpoints of an earlier run named {cfg.name!r}:"
+                        " set checkpoint.resume=true to continue it, give another name (--set name=...), or"
+                        " delete the folder")
+
+
+def run_training(cfg: RunConfig, parent_run_id: Optional[str] = None) -> dict:
+    """Open (or continue) the MLflow run, train, close the run with the right status."""
+    from gmp_dist.tracking import end_run, resolve_tracking_uri, start_run
+
+    uri = resolve_tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else None
+    run_id = _resumed_run_id(cfg, uri) or start_run(cfg, parent_run_id=parent_run_id)
+    status = "FAILED"
+    try:
+        if cfg.scaling.use_ray:
+            from gmp_dist.ray_launcher import run_with_ray
+
+            result = run_with_ray(cfg, uri, run_id)
+        else:
+            from gmp_dist.runner_local import run_local
+
+            result = run_local(cfg, uri, run_id)
+        final = _publish_final(cfg, uri, run_id, result)
+        status = "FINISHED"
+        return {**result, "run_id": run_id, "final_model": str(final) if final else None}
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except Exception as exc:
+        cause = _user_error_in(exc)
+        if cause is not None:
+            raise UserError(f"training stopped: {cause} (MLflow run {run_id} marked FAILED)") from None
+        raise
+    finally:
+        if uri is not None:
+            end_run(uri, run_id, status)
+
+
+def summary_line(cfg: RunConfig, result: dict) -> str:
+    top1 = result.get("final_val_top1", result.get("val_top1"))
+    return (f"{cfg.name}: final val top-1 {top1 if top1 is None else round(top1, 2)}, best"
+            f" {round(result.get('best_val_top1', 0.0), 2)}, sparsity {result.get('sparsity', 0.0):.4f},"
+            f" FLOPs pruned {result.get('flops_pruned', 0.0):.4f}, MLflow run {result.get('run_id')}")
+
+
+def _resumed_run_id(cfg: RunConfig, uri: Optional[str]) -> Optional[str]:
+    """With checkpoint.resume, continue the MLflow run recorded in the newest checkpoint."""
+    if not cfg.checkpoint.resume or uri is None:
+        return None
+    from gmp_dist.checkpoint import load_checkpoint
+    from gmp_dist.tracking.runs import client
+
+    found = sorted(run_folder(cfg).rglob("checkpoint.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return None
+    run_id = load_checkpoint(found[-1]).get("mlflow_run_id")
+    if run_id:
+        client(uri).update_run(run_id, status="RUNNING")
+        log.info("continuing MLflow run %s from %s", run_id, found[-1])
+    return run_id
+
+
+def _publish_final(cfg: RunConfig, uri: Optional[str], run_id: Optional[str], result: dict) -> Optional[Path]:
+    """Write ``<storage>/<name>/final.pt`` (the final model's plain state_dict, pruned weights exact zeros)
+    and log the final training checkpoint to MLflow."""
+    from gmp_dist.checkpoint import load_checkpoint, save_checkpoint
+
+    where = result.get("checkpoint_path")
+    folder = run_folder(cfg)
+    found = sorted(Path(where).rglob("checkpoint.pt")) if where else []
+    found = found or sorted(folder.glob("epoch_*/checkpoint.pt"))
+    if not found:
+        return None
+    final = save_checkpoint(load_checkpoint(found[-1])["model"], folder / "final.pt")
+    if uri is not None and run_id is not None and cfg.tracking.log_checkpoint_artifact:
+        from gmp_dist.tracking.runs import client
+
+        client(uri).log_artifact(run_id, str(found[-1]), "checkpoint")
+    return final
+
+
+def _user_error_in(exc: BaseException) -> Optional[BaseException]:
+    """A UserError raised inside a worker arrives wrapped by Ray; find it so the CLI can exit 2."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        stack.extend([e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values()]
+                     if isinstance(getattr(e, "worker_failures", None), dict) else [e.__cause__, e.__context__])
+        if "UserError" in type(e).__name__ or "UserError:" in str(e).split("\n")[0]:
+            return e
+    return None

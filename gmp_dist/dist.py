@@ -1,0 +1,92 @@
+"""The only user of ``torch.distributed`` (design.md §2). With world size 1 every helper is a no-op.
+
+Provides the :class:`~gmp_dist.pruning.global_mp.Collective` the pruning decision runs on, the sum
+reductions exact evaluation needs, and the mask checksum that proves every rank holds the same masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1 and torch_dist.is_available() and torch_dist.is_initialized()
+
+
+class TorchCollective:
+    """Sum all-reduce and object all-gather over the default process group."""
+
+    def __init__(self, ctx: DistContext):
+        self.ctx = ctx
+        # NCCL reduces only CUDA tensors; gloo only CPU ones. Statistics live where the group can reduce them.
+        self._device = ctx.device if ctx.active and torch_dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.ctx.active:
+            return tensor
+        moved = tensor.to(self._device)
+        torch_dist.all_reduce(moved, op=torch_dist.ReduceOp.SUM)
+        return moved.to(tensor.device)
+
+    def allgather(self, obj: Any) -> list[Any]:
+        if not self.ctx.active:
+            return [obj]
+        out: list[Any] = [None] * self.ctx.world_size
+        torch_dist.all_gather_object(out, obj)
+        return out
+
+
+def broadcast_tensor(ctx: DistContext, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """The coordinator's copy of ``tensor`` on every rank."""
+    if not ctx.active:
+        return tensor
+    return TorchCollective(ctx).allreduce_sum(tensor if ctx.rank == src else torch.zeros_like(tensor))
+
+
+def masks_checksum(masks: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """(kept count, 63-bit hash of the packed mask bits) — equal on all ranks iff the masks are."""
+    digest = hashlib.blake2b(digest_size=8)
+    kept = 0
+    for mask in masks:
+        flat = mask.detach().reshape(-1).to("cpu", torch.uint8)
+        kept += int(flat.sum())
+        digest.update(str(tuple(mask.shape)).encode())
+        digest.update(flat.numpy().tobytes())
+    return kept, int.from_bytes(digest.digest(), "little") >> 1
+
+
+def verify_same_on_all_ranks(ctx: DistContext, values: tuple[int, ...], what: str) -> None:
+    """Hard error if any rank's ``values`` differ from rank 0's."""
+    if not ctx.active:
+        return
+    gathered = TorchCollective(ctx).allgather(tuple(values))
+    if any(g != gathered[0] for g in gathered):
+        raise RuntimeError(f"{what} differs across ranks: {gathered}; refusing to train on inconsistent masks")
+
+
+def sum_across_ranks(ctx: DistContext, values: Sequence[float]) -> list[float]:
+    """Sum float64 statistics (loss sums, correct counts, sample counts) over all ranks."""
+    tensor = torch.tensor(list(values), dtype=torch.float64)
+    return TorchCollective(ctx).allreduce_sum(tensor).tolist()
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.active:
+        torch_dist.barrier()

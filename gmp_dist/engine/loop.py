@@ -1,0 +1,196 @@
+"""The training loop, top to bottom. Runs the same under Ray Train, under plain torch.distributed, or
+in one process; what differs is only the :class:`WorkerEnv` it is handed.
+
+Per epoch: pruning event (if the schedule says so) → train steps (``loss.backward(); optimizer.step();
+pruner.apply()``) → LR step → exact evaluation → metrics → checkpoint + report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+import torch
+import torch.nn as nn
+
+from gmp_dist.config import RunConfig
+from gmp_dist.data import build_loaders
+from gmp_dist.dist import DistContext
+from gmp_dist.engine.evaluate import evaluate
+from gmp_dist.engine.events import PruningController
+from gmp_dist.engine.optim import build_optimizer, build_scheduler
+from gmp_dist.engine.state import restore_training_state, write_training_checkpoint
+from gmp_dist.models import build_model, get_spec
+from gmp_dist.models.flops import dense_macs
+from gmp_dist.models.pretrained import load_pretrained
+from gmp_dist.tracking import NullTracker, Tracker, log_layer_artifacts
+
+log = logging.getLogger(__name__)
+
+
+class Reporter(Protocol):
+    """Where checkpoints go: Ray Train's storage, or a local folder. Every rank calls it equally often."""
+
+    def report(self, metrics: dict, checkpoint_file: Optional[Path]) -> None: ...
+
+
+class NullReporter:
+    def report(self, metrics: dict, checkpoint_file: Optional[Path]) -> None:
+        pass
+
+
+@dataclass
+class WorkerEnv:
+    ctx: DistContext = field(default_factory=DistContext)
+    tracker: Tracker = field(default_factory=NullTracker)
+    reporter: Reporter = field(default_factory=NullReporter)
+    resume_from: Optional[Path] = None  # a checkpoint file to continue from
+    scratch_dir: Path = Path(".")  # where rank 0 writes a checkpoint before reporting it
+    run_id: Optional[str] = None
+
+
+@dataclass
+class RunState:
+    """Everything the loop mutates, in one place (and what a checkpoint restores)."""
+
+    epoch: int = 0  # epochs completed
+    global_step: int = 0
+    best_val_top1: float = 0.0
+    metrics: dict = field(default_factory=dict)
+
+
+def configure_worker_logging(rank: int) -> None:
+    """Our INFO lines with the rank in front; other libraries (Ray's internals) stay at WARNING."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+                                           "%H:%M:%S"))
+    package = logging.getLogger("gmp_dist")
+    package.handlers[:] = [handler]
+    package.setLevel(logging.INFO)
+    package.propagate = False
+    for noisy in ("ray.train", "ray.tune", "ray.data"):  # per-report INFO lines from Ray Train's internals
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # In-channel-1 convs are both contiguous and channels_last; DDP's stride notice about them is noise.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+
+
+def train(cfg: RunConfig, env: WorkerEnv) -> dict:
+    ctx = env.ctx
+    torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
+    spec = get_spec(cfg.model.name)
+    model = build_model(cfg.model.name, cfg.model.num_classes, **cfg.model.kwargs)
+    if cfg.model.pretrained:
+        load_pretrained(model, cfg.model.pretrained, cfg.model.name)
+    macs = dense_macs(model, spec.input_shape, cfg.prune.exclude)
+    model.to(ctx.device)
+    if _channels_last(cfg, ctx):
+        model.to(memory_format=torch.channels_last)
+    controller = PruningController(cfg.prune, model, cfg.model.name, ctx, macs)
+    loaders = build_loaders(cfg, ctx.rank, ctx.world_size, ctx.device)
+    net = _wrap_ddp(model, ctx)
+    if cfg.train.compile:
+        net = torch.compile(net)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    autocast = _autocast_factory(cfg, ctx)
+    state = RunState()
+    if env.resume_from is not None:
+        restore_training_state(env.resume_from, model, optimizer, scheduler, controller, state, ctx)
+
+    if state.epoch == 0 and controller.is_event(0, "epoch"):  # one-shot (or the first gradual) event
+        report = controller.prune(0, optimizer)
+        after = evaluate(net, loaders.val, ctx, autocast)
+        env.tracker.log_metrics({"pruned_val_top1": after["val_top1"], "pruned_val_loss": after["val_loss"],
+                                 "sparsity": report["sparsity"], "flops_pruned": report["flops_pruned"]}, step=0)
+        if ctx.is_main:
+            log_layer_artifacts(env.tracker, report)
+        state.metrics["pruned_val_top1"] = after["val_top1"]
+
+    for epoch in range(state.epoch, cfg.train.epochs):
+        loaders.set_epoch(epoch)
+        if epoch > 0 and controller.is_event(epoch, "epoch"):
+            report = controller.prune(epoch, optimizer)
+            if ctx.is_main:
+                log_layer_artifacts(env.tracker, report)
+        lr = optimizer.param_groups[0]["lr"]
+        train_stats = train_one_epoch(net, loaders.train, optimizer, loss_fn, controller, state, cfg, ctx, autocast)
+        scheduler.step()
+        val = evaluate(net, loaders.val, ctx, autocast)
+        state.epoch = epoch + 1
+        state.best_val_top1 = max(state.best_val_top1, val["val_top1"])
+        metrics = {**train_stats, **val, "lr": lr, "sparsity": controller.pruner.measured_sparsity(),
+                   "flops_pruned": (controller.last_report or {}).get("flops_pruned", 0.0)}
+        env.tracker.log_metrics(metrics, step=epoch)
+        state.metrics.update(metrics)
+        if ctx.is_main:
+            log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_top1 %.2f  val_top5 %.2f  sparsity %.4f"
+                     "  %.0f img/s", epoch + 1, cfg.train.epochs, metrics["train_loss"], val["val_loss"],
+                     val["val_top1"], val["val_top5"], metrics["sparsity"], metrics["images_per_sec"])
+        last = state.epoch == cfg.train.epochs
+        if state.epoch % cfg.checkpoint.every_epochs == 0 or last:
+            checkpoint = write_training_checkpoint(env, cfg, model, optimizer, scheduler, controller, state)
+            extra = {"best_val_top1": state.best_val_top1, **({"final_val_top1": val["val_top1"]} if last else {})}
+            if "pruned_val_top1" in state.metrics:
+                extra["pruned_val_top1"] = state.metrics["pruned_val_top1"]
+            env.reporter.report({**metrics, **extra, "epoch": state.epoch}, checkpoint)
+        if cfg.train.stop_after_epochs is not None and state.epoch >= cfg.train.stop_after_epochs:
+            log.info("stopping after epoch %d (train.stop_after_epochs)", state.epoch)
+            return {"stopped_early": True, **state.metrics}
+
+    final = {"final_val_top1": state.metrics.get("val_top1", 0.0), "best_val_top1": state.best_val_top1}
+    env.tracker.log_metrics(final, step=state.epoch)
+    return {**state.metrics, **final, "epochs": state.epoch}
+
+
+def train_one_epoch(net, batches, optimizer, loss_fn, controller: PruningController, state: RunState,
+                    cfg: RunConfig, ctx: DistContext, autocast) -> dict:
+    net.train()
+    loss_sum, samples, steps = 0.0, 0, 0
+    max_steps = cfg.train.max_steps_per_epoch
+    start = time.perf_counter()
+    for inputs, targets in batches:
+        if controller.is_event(state.global_step, "step"):
+            controller.prune(state.global_step, optimizer)
+        with autocast():
+            loss = loss_fn(net(inputs), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        controller.pruner.apply()  # pruned weights stay exactly zero
+        loss_sum += float(loss.detach()) * targets.numel()
+        samples += targets.numel()
+        steps += 1
+        state.global_step += 1
+        if ctx.is_main and steps % cfg.train.log_every_steps == 0:
+            log.info("  step %d/%d  loss %.4f", steps, max_steps or len(batches), loss_sum / samples)
+        if max_steps is not None and steps >= max_steps:
+            break
+    seconds = max(time.perf_counter() - start, 1e-9)
+    return {"train_loss": loss_sum / max(samples, 1), "images_per_sec": samples * ctx.world_size / seconds,
+            "train_steps": steps}
+
+
+def _wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
+    if not ctx.active:
+        return model
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def _channels_last(cfg: RunConfig, ctx: DistContext) -> bool:
+    if cfg.train.channels_last == "auto":
+        return ctx.device.type == "cuda" and len(get_spec(cfg.model.name).input_shape) == 3
+    return cfg.train.channels_last == "on"
+
+
+def _autocast_factory(cfg: RunConfig, ctx: DistContext) -> Callable[[], contextlib.AbstractContextManager]:
+    use_bf16 = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and ctx.device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16)
