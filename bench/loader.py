@@ -1,0 +1,93 @@
+"""FFCV vs the torchvision DataLoader on the same cores, images/s through ``build_loaders``.
+
+Both read the same generated ImageNet-like set (500 JPEGs around 400x350, converted with the
+real converter and its default settings) with the same augmentation (RandomResizedCrop 224 +
+flip, uint8 -> float normalise on the device), batch size and worker count (2). Epochs of A
+and B alternate; the first epoch of each (FFCV's JIT compile, DataLoader worker start-up) is
+excluded, and the median of the rest is compared.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+NUM_CLASSES = 10
+TRAIN_PER_CLASS = 52  # 520 images
+IMAGE_SIZE = (400, 350)
+BATCH_SIZE = 64
+NUM_WORKERS = 2
+ROUNDS = 3
+
+
+def _write_jpegs(root: Path, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    for split, per_class in (("train", TRAIN_PER_CLASS), ("val", 2)):
+        for c in range(NUM_CLASSES):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                width = IMAGE_SIZE[0] + int(rng.integers(-40, 41))
+                height = IMAGE_SIZE[1] + int(rng.integers(-40, 41))
+                yy, xx = np.mgrid[0:height, 0:width]
+                # Smooth structure plus noise: about the size and decode cost of an ImageNet JPEG.
+                base = np.stack([(xx * (c + 1) + yy * i) % 256, (xx * yy // 97) % 256, (xx + 3 * yy) % 256], axis=-1)
+                noisy = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(noisy).save(folder / f"{i:04d}.JPEG", quality=90)
+
+
+def _epoch_images_per_sec(loaders) -> float:
+    start = time.perf_counter()
+    count = 0
+    for inputs, _ in loaders.train:
+        count += inputs.shape[0]
+    float(inputs.sum())  # everything materialised
+    return count / (time.perf_counter() - start)
+
+
+def figures() -> dict:
+    from gmp_dist.data.formats import ffcv_import_error
+
+    reason = ffcv_import_error()
+    if reason is not None:
+        print(f"loader: skipped, FFCV is not importable ({reason}); `make ffcv` builds it")
+        return {}
+    from gmp_dist.config.schema import RunConfig
+    from gmp_dist.data import build_loaders
+    from gmp_dist.data.convert_imagenet import ImageNetOptions, convert_imagenet
+
+    logging.getLogger("gmp_dist.data").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="gmp-bench-loader-") as tmp:
+        src, out = Path(tmp) / "src", Path(tmp) / "out"
+        _write_jpegs(src)
+        convert_imagenet(src, out, options=ImageNetOptions(num_workers=NUM_WORKERS))
+        loaders = {}
+        for kind in ("ffcv", "torchvision"):
+            cfg = RunConfig.model_validate({"data": {
+                "name": "imagenet", "path": str(out), "loader": kind, "batch_size_per_worker": BATCH_SIZE,
+                "num_workers": NUM_WORKERS, "image_size": 224}})
+            loaders[kind] = build_loaders(cfg, 0, 1, torch.device("cpu"))
+        rates: dict[str, list[float]] = {kind: [] for kind in loaders}
+        for round_ in range(ROUNDS + 1):  # round 0 warms both up
+            for kind, loader in loaders.items():
+                loader.set_epoch(round_)
+                rate = _epoch_images_per_sec(loader)
+                if round_ > 0:
+                    rates[kind].append(rate)
+        medians = {kind: statistics.median(r) for kind, r in rates.items()}
+        print(f"loader: ffcv {medians['ffcv']:.0f} img/s, torchvision {medians['torchvision']:.0f} img/s "
+              f"({NUM_WORKERS} workers each, batch {BATCH_SIZE}, RandomResizedCrop 224 + flip)")
+        del loaders
+    return {"ffcv_vs_torchvision_ratio": {"value": medians["ffcv"] / medians["torchvision"], "target": 2.0,
+                                          "better": "higher", "unit": "x"}}
+
+
+if __name__ == "__main__":
+    print(figures())
