@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
 def preflight(cfg: RunConfig) -> None:
     """Checks that need no worker: raise UserError naming the key and what would be valid."""
-    from gmp_dist.data.loaders import resolve_data_dir
+    from gmp_dist.data.loaders import prepare_data, resolve_data_dir
 
     with torch.device("meta"):  # shapes only
         model = build_model(cfg.model.name, cfg.model.num_classes, **cfg.model.kwargs)
@@ -59,6 +59,7 @@ def preflight(cfg: RunConfig) -> None:
         raise UserError(f"data.path: {folder} does not exist; convert the data first with"
                         f" `gmp-dist data {cfg.data.name} --src … --out {folder}`")
     _check_run_folder(cfg)
+    prepare_data(cfg)  # converts digits once here rather than in every worker; names missing files
     sizes = [p.numel() for _, p in prunable_parameters(model, cfg.prune.exclude)]
     if cfg.prune.method == "global_mp" and sizes:
         m = resolve_min_weights(sum(sizes), cfg.prune.min_weights, cfg.prune.min_threshold_pct)
@@ -156,9 +157,9 @@ def _publish_final(cfg: RunConfig, uri: Optional[str], run_id: Optional[str], re
         return None
     final = save_checkpoint(load_checkpoint(found[-1])["model"], folder / "final.pt")
     if uri is not None and run_id is not None and cfg.tracking.log_checkpoint_artifact:
-        from gmp_dist.tracking.runs import client
+        from gmp_dist.tracking import MlflowTracker, log_final_checkpoint
 
-        client(uri).log_artifact(run_id, str(found[-1]), "checkpoint")
+        log_final_checkpoint(MlflowTracker(uri, run_id), found[-1])  # as checkpoint/final.pt
     return final
 
 

@@ -1,0 +1,17 @@
+"""Shared fixtures: the digits data set converted once per session, into a temp folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """scikit-learn's bundled digits, converted by the real converter (FFCV files when FFCV is built)."""
+    from gmp_dist.data.convert_digits import convert_digits
+
+    folder = tmp_path_factory.mktemp("data") / "digits"
+    convert_digits(folder, overwrite=True)
+    return folder

@@ -1,0 +1,107 @@
+"""The engine without Ray: resume equivalence, MLflow bookkeeping, bad input (design.md §5, §7)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gmp_dist.checkpoint import load_checkpoint
+from gmp_dist.cli import main
+from gmp_dist.commands.train import preflight, run_training
+from gmp_dist.config import load_config
+from gmp_dist.errors import UserError
+from gmp_dist.models import build_model
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
+
+
+@pytest.fixture(autouse=True)
+def _digits(digits_dir, monkeypatch):
+    monkeypatch.setenv("GMP_TEST_DIGITS", str(digits_dir))
+
+
+def _overrides(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    import os
+
+    return [f"name={name}", "scaling.use_ray=false", "scaling.num_workers=1", "data.loader=torchvision",
+            f"data.path={os.environ['GMP_TEST_DIGITS']}", f"checkpoint.storage_path={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "experiment=resume-test", *extra]
+
+
+@pytest.fixture(scope="module")
+def dense_checkpoint(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("dense")
+    torch.manual_seed(0)
+    path = tmp / "dense.pt"
+    torch.save(build_model("digits_cnn").state_dict(), path)
+    return path
+
+
+def _run(tmp_path, name, dense, *extra):
+    cfg = load_config(QUICKSTART / "gmp90.yaml", _overrides(tmp_path, name, f"model.pretrained={dense}",
+                                                              "train.epochs=4", "train.max_steps_per_epoch=6",
+                                                              "train.deterministic=true", *extra))
+    preflight(cfg)
+    return cfg, run_training(cfg)
+
+
+def _final_checkpoint(tmp_path: Path, name: str) -> dict:
+    return load_checkpoint(sorted((tmp_path / "runs" / name).glob("epoch_*/checkpoint.pt"))[-1])
+
+
+def test_resume_equals_straight_run_with_one_mlflow_run(tmp_path, dense_checkpoint):
+    from mlflow import MlflowClient
+
+    _, straight = _run(tmp_path, "straight", dense_checkpoint)
+    _, first_half = _run(tmp_path, "halves", dense_checkpoint, "train.stop_after_epochs=2")
+    assert first_half["stopped_early"]
+    _, second_half = _run(tmp_path, "halves", dense_checkpoint, "checkpoint.resume=true")
+    assert second_half["run_id"] == first_half["run_id"]  # the same MLflow run continues
+    a, b = _final_checkpoint(tmp_path, "straight"), _final_checkpoint(tmp_path, "halves")
+    assert a["epoch"] == b["epoch"] == 4 and a["global_step"] == b["global_step"] == 24
+    for name, mask in a["pruner"]["masks"].items():
+        assert torch.equal(mask, b["pruner"]["masks"][name])
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("resume-test").experiment_id])
+    halves = [r for r in runs if r.info.run_name == "halves"]
+    assert len(halves) == 1 and halves[0].info.status == "FINISHED"
+    history = client.get_metric_history(halves[0].info.run_id, "val_top1")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]  # no epoch lost or duplicated
+    assert straight["sparsity"] == pytest.approx(0.9, abs=1e-5)
+    names = {f.path for f in client.list_artifacts(halves[0].info.run_id)}
+    assert {"config.yaml", "layers.csv", "layers.png", "checkpoint"} <= names
+
+
+def test_refuses_to_train_over_an_earlier_run(tmp_path, dense_checkpoint):
+    _run(tmp_path, "once", dense_checkpoint, "train.epochs=1")
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        _run(tmp_path, "once", dense_checkpoint, "train.epochs=1")
+
+
+def test_bad_inputs_exit_2_without_a_run(tmp_path, capsys, dense_checkpoint):
+    base = [str(QUICKSTART / "gmp90.yaml")]
+    cases = [
+        (["--set", "train.lr=1e-3"], "train.lr"),
+        (["--set", "prune.sparsty=0.9"], "did you mean 'prune.sparsity'"),
+        (["--set", "model.pretrained=/nonexistent/dense.pt"], "/nonexistent/dense.pt"),
+        (["--set", "prune.min_threshold_pct=50"], "largest reachable sparsity"),
+        (["--set", "model.name=resnet5"], "did you mean 'resnet50'"),
+    ]
+    for extra, needle in cases:
+        sets = [a for o in _overrides(tmp_path, "bad") for a in ("--set", o)]
+        code = main(["train", *base, *sets, "--set", f"model.pretrained={dense_checkpoint}", *extra])
+        assert code == 2, extra
+        assert needle in capsys.readouterr().err, extra
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was started for bad input
+
+
+def test_two_gloo_workers_without_ray(tmp_path, dense_checkpoint):
+    cfg, result = _run(tmp_path, "gloo2", dense_checkpoint, "scaling.num_workers=2", "train.epochs=1")
+    assert result["sparsity"] == pytest.approx(0.9, abs=1e-5)
+    ckpt = _final_checkpoint(tmp_path, "gloo2")
+    for name, mask in ckpt["pruner"]["masks"].items():
+        assert torch.all(ckpt["model"][name][~mask] == 0)
