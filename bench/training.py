@@ -1,0 +1,135 @@
+"""Training-loop overheads, each measured side by side in one run (CPU):
+
+- ``masked_step_ratio``: a train step with ``pruner.apply()`` (90% masks) / the same step dense;
+- ``mlflow_overhead_ratio``: an epoch of steps that logs its metrics to MLflow (sqlite) / with a no-op tracker;
+- ``ray_vs_torch_epoch_ratio``: steady-state epoch time of 2 Ray Train workers / the same loop under plain
+  ``torch.distributed`` (2 spawned gloo processes); start-up is reported separately.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _step_setup():
+    from gmp_dist.models import build_model
+    from gmp_dist.pruning.apply import decide_masks
+    from gmp_dist.pruning.pruner import MaskPruner
+    from gmp_dist.pruning.selection import prunable_parameters
+
+    torch.manual_seed(0)
+    model = build_model("resnet32")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    named = prunable_parameters(model)
+    pruner = MaskPruner(named)
+    masks, _ = decide_masks([p.detach() for _, p in named], 0.9)
+    pruner.set_masks(masks)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    return model, opt, pruner, x, y
+
+
+def _step(model, opt, x, y, pruner=None) -> float:
+    start = time.perf_counter()
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if pruner is not None:
+        pruner.apply()
+    return time.perf_counter() - start
+
+
+def masked_step_ratio(steps: int = 40) -> float:
+    model, opt, pruner, x, y = _step_setup()
+    for _ in range(5):
+        _step(model, opt, x, y, pruner)
+    dense, masked = [], []
+    for _ in range(steps):  # alternate so drift hits both
+        dense.append(_step(model, opt, x, y))
+        masked.append(_step(model, opt, x, y, pruner))
+    return statistics.median(masked) / statistics.median(dense)
+
+
+def mlflow_overhead_ratio(epochs: int = 6, steps_per_epoch: int = 40) -> float:
+    """One epoch = ``steps_per_epoch`` steps (digits has 22 per epoch, ImageNet ~5,000): the engine logs per epoch."""
+    from gmp_dist.tracking import MlflowTracker, NullTracker, resolve_tracking_uri
+    from gmp_dist.tracking.runs import client
+
+    model, opt, pruner, x, y = _step_setup()
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = resolve_tracking_uri(f"sqlite:///{tmp}/bench.db")
+        mlflow_client = client(uri)
+        run_id = mlflow_client.create_run(mlflow_client.create_experiment("bench")).info.run_id
+        trackers = {"mlflow": MlflowTracker(uri, run_id), "none": NullTracker()}
+        times = {"mlflow": [], "none": []}
+        for epoch in range(epochs):
+            for kind, tracker in trackers.items():
+                start = time.perf_counter()
+                for _ in range(steps_per_epoch):
+                    _step(model, opt, x, y, pruner)
+                # What the engine logs per epoch (design.md §5).
+                tracker.log_metrics({k: float(epoch) for k in ("train_loss", "val_loss", "val_top1", "val_top5",
+                                                                "lr", "sparsity", "flops_pruned", "images_per_sec")},
+                                    step=epoch)
+                times[kind].append(time.perf_counter() - start)
+        mlflow_client.set_terminated(run_id)
+    return statistics.median(times["mlflow"]) / statistics.median(times["none"])
+
+
+def _epoch_times(use_ray: bool, tmp: Path) -> tuple[list[float], float]:
+    """Per-epoch seconds (from images_per_sec in MLflow) and the whole command's wall time."""
+    from mlflow import MlflowClient
+
+    name = "ray" if use_ray else "torch"
+    db = tmp / f"{name}.db"
+    sets = [f"name=bench-{name}", "experiment=bench", f"tracking.uri=sqlite:///{db}",
+            f"checkpoint.storage_path={tmp / 'runs'}", f"scaling.use_ray={str(use_ray).lower()}",
+            "scaling.num_workers=2", "scaling.cpus_per_worker=1", "model.name=resnet32", "model.num_classes=1000",
+            "data.name=synthetic", "data.image_size=32", "data.synthetic_samples=1536", "data.loader=torchvision",
+            "data.batch_size_per_worker=64", "prune.method=global_mp", "prune.sparsity=0.9", "model.pretrained=null",
+            "train.epochs=5", "checkpoint.every_epochs=100", "tracking.log_checkpoint_artifact=false"]
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "gmp_dist", "train", str(REPO / "configs/quickstart/gmp90.yaml"),
+                    *[a for s in sets for a in ("--set", s)]], check=True, cwd=tmp,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    client = MlflowClient(f"sqlite:///{db}")
+    run = client.search_runs([client.get_experiment_by_name("bench").experiment_id])[0]
+    ips = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "images_per_sec"), key=lambda m: m.step)]
+    samples_per_epoch = (1536 // 128) * 128
+    return [samples_per_epoch / v for v in ips], wall
+
+
+def ray_vs_torch_epoch_ratio() -> tuple[float, float, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        ray_epochs, ray_wall = _epoch_times(True, Path(tmp))
+        torch_epochs, torch_wall = _epoch_times(False, Path(tmp))
+    steady = lambda xs: statistics.median(xs[1:])  # noqa: E731 — epoch 0 includes warm-up
+    return (steady(ray_epochs) / steady(torch_epochs), ray_wall - sum(ray_epochs), torch_wall - sum(torch_epochs))
+
+
+def figures() -> dict:
+    ratio, ray_startup, torch_startup = ray_vs_torch_epoch_ratio()
+    print(f"   start-up (wall minus epochs): Ray Train {ray_startup:.1f} s, torch.distributed {torch_startup:.1f} s")
+    return {
+        "masked_step_ratio": {"value": masked_step_ratio(), "target": 1.02, "better": "lower", "unit": "x"},
+        "mlflow_overhead_ratio": {"value": mlflow_overhead_ratio(), "target": 1.01, "better": "lower", "unit": "x"},
+        "ray_vs_torch_epoch_ratio": {"value": ratio, "target": 1.05, "better": "lower", "unit": "x"},
+        "ray_startup_seconds": {"value": ray_startup, "target": None, "better": "lower", "unit": "s"},
+        "torch_startup_seconds": {"value": torch_startup, "target": None, "better": "lower", "unit": "s"},
+    }
+
+
+if __name__ == "__main__":
+    for key, fig in figures().items():
+        print(key, fig)
