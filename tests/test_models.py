@@ -195,7 +195,7 @@ def test_pretrained_truncated_file(resnet32_file, tmp_path):
     bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(UserError, match="truncated.pt") as err:
         load_pretrained(build_model("resnet32"), str(bad), "resnet32")
-    assert "resnet32" in str(err.value)
+    assert "truncated" in str(err.value)
 
 
 def test_pretrained_missing_file(tmp_path):
@@ -209,15 +209,15 @@ def test_pretrained_other_architecture(tmp_path):
     with pytest.raises(UserError) as err:
         load_pretrained(build_model("resnet32"), str(path), "resnet32")
     msg = str(err.value)
-    assert "mnv2.pt" in msg and "'resnet32'" in msg
-    assert "missing keys" in msg and "layer1.0.conv1.weight" in msg
-    assert "unexpected keys" in msg and "layers.0.conv1.weight" in msg
+    assert "mnv2.pt" in msg and "model resnet32" in msg
+    assert "missing" in msg and "layer1.0.conv1.weight" in msg
+    assert "unexpected" in msg and "layers.0.conv1.weight" in msg
 
 
 def test_pretrained_shape_mismatch(resnet32_file, tmp_path):
     path = tmp_path / "c100.pt"
     torch.save(build_model("resnet32", num_classes=100).state_dict(), path)
-    with pytest.raises(UserError, match=r"fc.weight: file \(100, 64\) vs model \(10, 64\)"):
+    with pytest.raises(UserError, match=r"fc.weight \(100, 64\) vs \(10, 64\)"):
         load_pretrained(build_model("resnet32"), str(path), "resnet32")
 
 
