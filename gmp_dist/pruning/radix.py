@@ -9,7 +9,7 @@ plain sums, so shards of a tensor (or whole ranks) combine by addition.
 
 from __future__ import annotations
 
-from typing import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -19,23 +19,57 @@ KEEP_NONE = 1 << 31  # a threshold above every finite |w| bit pattern: nothing i
 KEEP_ALL = -1  # a threshold below every |w| bit pattern: everything is kept
 _INF_HIGH_BIN = 0x7F80  # top 16 bits of +inf; NaNs lie above
 CHUNK_ELEMENTS = 1 << 17  # 512 KiB of int32 per temporary: bounds the extra memory
+_POOL: ThreadPoolExecutor | None = None
 
 
-def abs_bits_chunks(values: torch.Tensor, chunk: int = CHUNK_ELEMENTS) -> Iterator[torch.Tensor]:
-    """Yield int32 bit patterns of |values| (flattened, float32), one chunk at a time."""
+def _chunk_bounds(numel: int, chunk: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk, numel)) for start in range(0, numel, chunk)]
+
+
+def _abs_bits(flat: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    piece = flat[start:stop]
+    if piece.dtype != torch.float32:
+        piece = piece.float()  # float16/bfloat16 widen exactly, so the order is unchanged
+    return piece.abs().view(torch.int32)
+
+
+def _pool() -> ThreadPoolExecutor | None:
+    """Threads over chunks: torch.bincount runs on one core, and it releases the GIL."""
+    global _POOL
+    threads = torch.get_num_threads()
+    if threads < 2:
+        return None
+    if _POOL is None or _POOL._max_workers != threads:
+        _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gmp-radix")
+    return _POOL
+
+
+def _map_sum(values: torch.Tensor, per_chunk, bins: int) -> torch.Tensor:
+    """Sum of ``per_chunk(bits)`` histograms over the chunks of |values|, one accumulator per thread."""
     flat = values.detach().reshape(-1)
-    for start in range(0, flat.numel(), chunk):
-        piece = flat[start:start + chunk]
-        if piece.dtype != torch.float32:
-            piece = piece.float()  # float16/bfloat16 widen exactly, so the order is unchanged
-        yield piece.abs().view(torch.int32)
+    bounds = _chunk_bounds(flat.numel())
+    pool = _pool() if values.device.type == "cpu" and len(bounds) > 1 else None
+    if pool is None:
+        hist = torch.zeros(bins, dtype=torch.int64, device=values.device)
+        for start, stop in bounds:
+            hist += per_chunk(_abs_bits(flat, start, stop))
+        return hist
+    lanes = pool._max_workers
+
+    def lane(k: int) -> torch.Tensor:
+        acc = torch.zeros(bins, dtype=torch.int64)
+        for start, stop in bounds[k::lanes]:
+            acc += per_chunk(_abs_bits(flat, start, stop))
+        return acc
+
+    return sum(pool.map(lane, range(min(lanes, len(bounds)))))
 
 
 def high_histogram(values: torch.Tensor) -> torch.Tensor:
     """int64[HIGH_BINS]: counts of |values| by the top 16 bits of their bit pattern."""
-    hist = torch.zeros(HIGH_BINS, dtype=torch.int64, device=values.device)
-    for bits in abs_bits_chunks(values):
-        hist += torch.bincount(bits.bitwise_right_shift_(16), minlength=HIGH_BINS)  # bits is our own copy
+    # bits is a fresh copy per chunk, so shifting it in place saves an allocation.
+    hist = _map_sum(values, lambda bits: torch.bincount(bits.bitwise_right_shift_(16), minlength=HIGH_BINS),
+                    HIGH_BINS)
     if int(hist[_INF_HIGH_BIN:].sum()):  # Inf/NaN patterns fill the top bins: no per-element check
         raise ValueError("weights contain NaN or Inf; refusing to rank them by magnitude")
     return hist
@@ -47,11 +81,11 @@ def low_counts_in_bin(values: torch.Tensor, high_bin: int) -> dict[int, int]:
     Sparse because one high bin holds a sliver of a layer: keeping a dense 65,536-bin array per layer
     until the global cut is known would cost more memory than the rest of the decision.
     """
-    hist = torch.zeros(LOW_BINS, dtype=torch.int64, device=values.device)
-    for bits in abs_bits_chunks(values):
+    def per_chunk(bits: torch.Tensor) -> torch.Tensor:
         inside = bits[(bits >> 16) == high_bin]
-        if inside.numel():
-            hist += torch.bincount(inside & 0xFFFF, minlength=LOW_BINS)
+        return torch.bincount(inside & 0xFFFF, minlength=LOW_BINS) if inside.numel() else 0
+
+    hist = _map_sum(values, per_chunk, LOW_BINS)
     lows = hist.nonzero().flatten()
     return dict(zip(lows.tolist(), hist[lows].tolist()))
 
