@@ -1,7 +1,7 @@
 """The pruning decision on ResNet-50-sized weights: ours vs concatenate-and-kthvalue.
 
 Time: medians of alternating runs in one process. Memory: each method runs in a fresh subprocess and
-reports its peak RSS growth over the weights it was handed (ru_maxrss), divided by the weight bytes.
+reports its peak RSS (VmHWM, reset just before) over the RSS it had with the weights, / weight bytes.
 Communication: bytes our protocol all-reduces per decision (counted by a world-size-1 collective), divided
 by the weight bytes — what one DDP gradient all-reduce would move.
 """
@@ -9,6 +9,7 @@ by the weight bytes — what one DDP gradient all-reduce would move.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -63,24 +64,37 @@ class _CountingCollective:
         return [obj]
 
 
-def _peak_rss_child(method: str) -> None:
-    import resource
+def _status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
+
+def _peak_rss_child(method: str) -> None:
     method_fn = ours if method == "ours" else naive
     # Warm up on small tensors first: first use of a kernel pages in library code and thread arenas,
     # which is start-up cost, not the decision's memory.
     method_fn([torch.randn(4096) for _ in range(8)])
     tensors = resnet50_weights()
-    before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Reset the kernel's peak-RSS mark (VmHWM) to the current RSS, so import-time peaks cannot hide
+    # the decision's own peak (Linux: writing 5 to clear_refs).
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    before_kib = _status_kib("VmRSS")
     method_fn(tensors)
-    after_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after_kib = _status_kib("VmHWM")
     weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
     print(json.dumps({"extra_bytes": (after_kib - before_kib) * 1024, "weight_bytes": weight_bytes}))
 
 
 def _memory_ratio(method: str) -> float:
+    # glibc's dynamic mmap threshold keeps freed large temporaries in the heap, so RSS would show the
+    # allocator's cache rather than live memory; a fixed threshold (same for both methods) makes RSS
+    # follow what is actually alive.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, "-m", "bench.selection", "--peak-rss", method],
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, env=env).stdout
     rec = json.loads(out.strip().splitlines()[-1])
     return rec["extra_bytes"] / rec["weight_bytes"]
 
