@@ -18,8 +18,9 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
 
 
 @pytest.fixture(autouse=True)
-def _digits(digits_dir, monkeypatch):
+def _digits(digits_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("GMP_TEST_DIGITS", str(digits_dir))
+    monkeypatch.chdir(tmp_path)  # MLflow's sqlite store puts artifacts under ./mlruns of the cwd
 
 
 def _overrides(tmp_path: Path, name: str, *extra: str) -> list[str]:

@@ -21,6 +21,7 @@ from gmp_dist.models import build_model, get_spec
 from gmp_dist.models.flops import dense_macs
 from gmp_dist.pruning.apply import decide_masks
 from gmp_dist.pruning.masks import resolve_min_weights
+from gmp_dist.pruning.reference_mt import reference_mt_bound
 from gmp_dist.pruning.report import format_report, pruning_report
 from gmp_dist.pruning.selection import prunable_parameters
 
@@ -78,17 +79,13 @@ def run(args: argparse.Namespace) -> int:
             param.mul_(mask)
     report = pruning_report(
         args.model, [n for n, _ in named], masks, dense_macs(model, spec.input_shape, args.exclude), min_weights,
-        decision.mt_bound if decision else _reference_bound(masks, min_weights),
+        decision.mt_bound if decision else reference_mt_bound(masks, min_weights),
         decision.threshold if decision else None)
     report.update({"target_sparsity": args.sparsity, "mt_mode": args.mt_mode, "checkpoint": args.checkpoint})
     _write_outputs(model.state_dict(), report, out)
     print(format_report(report))
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
-
-
-def _reference_bound(masks, min_weights: int) -> list[bool]:
-    return [min_weights > 0 and int(m.sum()) <= min_weights for m in masks]
 
 
 def _write_outputs(state_dict: dict, report: dict, out: Path) -> None:

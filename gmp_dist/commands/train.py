@@ -113,7 +113,8 @@ def run_training(cfg: RunConfig, parent_run_id: Optional[str] = None) -> dict:
     except Exception as exc:
         cause = _user_error_in(exc)
         if cause is not None:
-            raise UserError(f"training stopped: {cause} (MLflow run {run_id} marked FAILED)") from None
+            where = f" (MLflow run {run_id} marked FAILED)" if run_id else ""
+            raise UserError(f"training stopped: {cause}{where}") from None
         raise
     finally:
         if uri is not None:

@@ -19,6 +19,7 @@ from gmp_dist.errors import CollapseError
 from gmp_dist.pruning.apply import decide_masks
 from gmp_dist.pruning.masks import resolve_min_weights
 from gmp_dist.pruning.pruner import MaskPruner
+from gmp_dist.pruning.reference_mt import reference_mt_bound
 from gmp_dist.pruning.report import pruning_report
 from gmp_dist.pruning.schedule import PruningSchedule
 from gmp_dist.pruning.selection import prunable_parameters
@@ -78,7 +79,12 @@ class PruningController:
         if optimizer is not None:
             self.pruner.zero_optimizer_state(optimizer)
         installed = [self.pruner.masks[name] for name in self.pruner.names]
-        mt_bound = decision.mt_bound if decision else [False] * len(installed)
+        if decision is not None:
+            mt_bound = decision.mt_bound
+        elif self.cfg.method == "global_mp":  # reference MT has no distributed decision object
+            mt_bound = reference_mt_bound(installed, self.min_weights)
+        else:
+            mt_bound = [False] * len(installed)
         report = pruning_report(self.model_name, self.pruner.names, installed, self.dense_macs, self.min_weights,
                                 mt_bound, decision.threshold if decision else None)
         report["target_sparsity"] = target

@@ -75,3 +75,8 @@ def reference_mt_masks(tensors: Sequence[torch.Tensor], sparsity: float, min_wei
         cut_bits, ties = layer_top_cut(t, n - k)
         masks.append(cut_mask(t, cut_bits, ties))
     return masks
+
+
+def reference_mt_bound(masks: Sequence[torch.Tensor], min_weights: int) -> list[bool]:
+    """Layers the minimum held: kept exactly m (the clamp), or whole because they are smaller than m."""
+    return [min_weights > 0 and int(m.sum()) <= min_weights for m in masks]
