@@ -65,6 +65,16 @@ def _map_sum(values: torch.Tensor, per_chunk, bins: int) -> torch.Tensor:
     return sum(pool.map(lane, range(min(lanes, len(bounds)))))
 
 
+def _map_collect(values: torch.Tensor, per_chunk) -> list[torch.Tensor]:
+    """``per_chunk(bits)`` of every chunk of |values| (non-empty results only), threads as in ``_map_sum``."""
+    flat = values.detach().reshape(-1)
+    bounds = _chunk_bounds(flat.numel())
+    pool = _pool() if values.device.type == "cpu" and len(bounds) > 1 else None
+    run = lambda span: per_chunk(_abs_bits(flat, *span)).cpu()  # noqa: E731
+    results = pool.map(run, bounds) if pool is not None else map(run, bounds)
+    return [r for r in results if r.numel()]
+
+
 def high_histogram(values: torch.Tensor) -> torch.Tensor:
     """int64[HIGH_BINS]: counts of |values| by the top 16 bits of their bit pattern."""
     # bits is a fresh copy per chunk, so shifting it in place saves an allocation.
@@ -81,11 +91,11 @@ def low_counts_in_bin(values: torch.Tensor, high_bin: int) -> dict[int, int]:
     Sparse because one high bin holds a sliver of a layer: keeping a dense 65,536-bin array per layer
     until the global cut is known would cost more memory than the rest of the decision.
     """
-    def per_chunk(bits: torch.Tensor) -> torch.Tensor:
-        inside = bits[(bits >> 16) == high_bin]
-        return torch.bincount(inside & 0xFFFF, minlength=LOW_BINS) if inside.numel() else 0
-
-    hist = _map_sum(values, per_chunk, LOW_BINS)
+    # One high bin holds a sliver of the values: gather those few low halves per thread and count
+    # them once, instead of adding a 65,536-bin histogram per chunk.
+    pieces = _map_collect(values, lambda bits: bits[(bits >> 16) == high_bin])
+    inside = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int32)
+    hist = torch.bincount(inside & 0xFFFF, minlength=LOW_BINS)
     lows = hist.nonzero().flatten()
     return dict(zip(lows.tolist(), hist[lows].tolist()))
 
