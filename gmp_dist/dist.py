@@ -53,13 +53,6 @@ class TorchCollective:
         return out
 
 
-def broadcast_tensor(ctx: DistContext, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """The coordinator's copy of ``tensor`` on every rank."""
-    if not ctx.active:
-        return tensor
-    return TorchCollective(ctx).allreduce_sum(tensor if ctx.rank == src else torch.zeros_like(tensor))
-
-
 def masks_checksum(masks: Sequence[torch.Tensor]) -> tuple[int, int]:
     """(kept count, 63-bit hash of the packed mask bits) — equal on all ranks iff the masks are."""
     digest = hashlib.blake2b(digest_size=8)

@@ -9,7 +9,6 @@ the latest one there.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import socket
 from pathlib import Path
@@ -92,7 +91,6 @@ def _worker(rank, world_size, port, config_yaml, tracking_uri, run_id) -> dict:
         configure_worker_logging(rank)
     cfg = validate_config(yaml.safe_load(config_yaml))
     if world_size > 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                       world_size=world_size)
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))

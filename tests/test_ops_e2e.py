@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import stop_process_group
+
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"
 # The job's own outcome, through the token (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH).
@@ -173,11 +175,5 @@ def test_training_tracks_to_a_real_mlflow_server(tmp_path):
         assert list((tmp_path / "artifacts").rglob("final.pt"))
         assert not (tmp_path / "mlflow.db").exists()  # nothing fell back to a local store
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=10)
+        stop_process_group(server)
         log_file.close()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
 import socket
 import subprocess
 import time
@@ -13,6 +11,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from conftest import stop_process_group
 import yaml
 
 from gmp_dist import __version__
@@ -253,11 +253,5 @@ def test_real_mlflow_server_on_loopback(tmp_path, monkeypatch):
         assert list((tmp_path / "mlartifacts").rglob("config.yaml"))
         assert (tmp_path / "mlflow.db").is_file()
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=10)
+        stop_process_group(server)
         log_file.close()

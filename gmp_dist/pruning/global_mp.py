@@ -191,14 +191,14 @@ def decide(shards: Sequence[Shard], layer_sizes: Sequence[int], sparsity: float,
     split = frozenset(layer for layer, pieces in layout.items() if len(pieces) > 1)
     local = _group(shards)
 
-    cuts, global_high = _protection_round(local, sizes, mins, split, layout, comm)
+    cuts, global_high = _protection_round(local, sizes, mins, split, comm)
     need = budget - protected_total
     threshold, ties_to_keep, unprot_ties = _global_round(local, cuts, global_high, need, len(sizes),
-                                                         split, layout, comm)
+                                                         split, comm)
     # Every rank now agrees on c_l, p_l and the unprotected tie counts at the threshold.
     per_layer = torch.zeros(3, len(sizes), dtype=torch.int64)
     for layer, cut in cuts.items():
-        if layer not in split or _first_piece_here(layer, layout, local):
+        if layer not in split or _first_piece_here(layer, local):
             per_layer[0, layer] = cut.bits_for_decision()
             per_layer[1, layer] = cut.ties_protected
     for layer, count in enumerate(unprot_ties):
@@ -256,7 +256,7 @@ def _group(shards) -> dict[int, list[Shard]]:
     return out
 
 
-def _first_piece_here(layer, layout, local) -> bool:
+def _first_piece_here(layer, local) -> bool:
     return any(s.offset == 0 for s in local.get(layer, []))
 
 
@@ -275,7 +275,7 @@ def _low_of(pieces: list[Shard], high_bin: int) -> dict[int, int]:
     return out
 
 
-def _protection_round(local, sizes, mins, split, layout, comm):
+def _protection_round(local, sizes, mins, split, comm):
     """Round one: each layer's MT bin, and the all-reduced high histogram of unprotected weights."""
     cuts: dict[int, _LayerCut] = {}
     global_high = torch.zeros(radix.HIGH_BINS, dtype=torch.int64)
@@ -295,12 +295,12 @@ def _protection_round(local, sizes, mins, split, layout, comm):
         highs = comm.allreduce_sum(torch.stack([_high_of(local.get(layer, [])) for layer in mt_split]))
         for i, layer in enumerate(mt_split):
             cuts[layer] = _protection(highs[i], mins[layer])
-            if _first_piece_here(layer, layout, local):
+            if _first_piece_here(layer, local):
                 global_high += _unprotected_high(highs[i], cuts[layer])
     return cuts, comm.allreduce_sum(global_high)
 
 
-def _global_round(local, cuts, global_high, need, num_layers, split, layout, comm):
+def _global_round(local, cuts, global_high, need, num_layers, split, comm):
     """Round two: the exact threshold inside its high bin, per-layer unprotected ties there, and the
     exact MT cuts of the layers whose cut lies at or below the threshold's bin."""
     high_bin, above_high = radix.find_cut(global_high, need) if need else (radix.HIGH_BINS, 0)
@@ -322,7 +322,7 @@ def _global_round(local, cuts, global_high, need, num_layers, split, layout, com
         if layer in split and cut.cut_bits is not None and cut.high_bin == high_bin:
             # Protection inside the shared bin is subtracted once, by the rank holding the first piece.
             counts = dict(raw)
-            if _first_piece_here(layer, layout, local):
+            if _first_piece_here(layer, local):
                 for low, c in _protected_low(cuts[layer], lows[to_resolve.index(layer)]).items():
                     counts[low] = counts.get(low, 0) - c
         else:
