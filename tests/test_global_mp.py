@@ -123,3 +123,28 @@ def test_half_precision_weights():
     masks, _ = global_magnitude_masks([t], 0.75)
     expected = brute_force_masks([t.float()], 0.75, 0)
     assert np.array_equal(masks[0].numpy(), expected[0])
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "zeros"])
+def test_chunked_threaded_passes_equal_brute_force(monkeypatch, kind):
+    """Tiny chunks and lanes, so every layer is cut into many chunks spread over threads (the
+    ResNet-scale code path), including uneven chunk counts and bf16 widened chunk by chunk."""
+    from gmp_dist.pruning import radix
+
+    monkeypatch.setattr(radix, "CHUNK_ELEMENTS", 37)
+    monkeypatch.setattr(radix, "MIN_LANE_ELEMENTS", 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    tensors = _layers(11, kind) + [torch.randn(1000).bfloat16().float() * 3]
+    for sparsity, min_weights in [(0.9, 5), (0.5, 40), (0.99, 0)]:
+        masks, _ = global_magnitude_masks(tensors, sparsity, min_weights)
+        for got, want in zip(masks, brute_force_masks(tensors, sparsity, min_weights)):
+            assert np.array_equal(got.numpy(), want)
+    half = torch.randn(999).to(torch.bfloat16)
+    masks, _ = global_magnitude_masks([half], 0.75, 10)
+    assert np.array_equal(masks[0].numpy(), brute_force_masks([half.float()], 0.75, 10)[0])
+    big = torch.randn(5000) * 0.01  # chunk-level threads: one call outside any layer lane
+    bits = big.abs().view(torch.int32)
+    assert torch.equal(radix.high_histogram(big), torch.bincount(bits >> 16, minlength=radix.HIGH_BINS))
+    top = int((bits >> 16).mode().values)
+    want = np.sort((bits[(bits >> 16) == top] & 0xFFFF).numpy())
+    assert np.array_equal(np.sort(radix.lows_in_bin(big, top)), want)

@@ -24,11 +24,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from gmp_dist.errors import InfeasibleError
 from gmp_dist.pruning import radix
-from gmp_dist.pruning.radix import KEEP_ALL, KEEP_NONE
+from gmp_dist.pruning.radix import KEEP_ALL, KEEP_NONE, LowCounts
 
 
 class Collective(Protocol):
@@ -118,8 +119,8 @@ class _LayerCut:
     def protects_all(self) -> bool:
         return self.high_bin >= radix.HIGH_BINS
 
-    def resolve(self, low_in_bin: dict[int, int]) -> None:
-        low_bin, above = radix.find_cut(radix.dense_low(low_in_bin), self.protected_in_bin)
+    def resolve(self, low_in_bin: LowCounts) -> None:
+        low_bin, above = low_in_bin.find_cut(self.protected_in_bin)
         self.cut_bits = (self.high_bin << 16) | low_bin
         self.ties_protected = self.protected_in_bin - above
 
@@ -137,28 +138,31 @@ def _protection(high: torch.Tensor, keep: int) -> _LayerCut:
     return _LayerCut(high_bin, keep - above)
 
 
-def _unprotected_high(high: torch.Tensor, cut: _LayerCut) -> torch.Tensor:
-    """A layer's high histogram minus its protected weights (exact without resolving the cut)."""
-    out = high.clone()
-    if cut.protects_nothing:
-        return out
+def _add_unprotected(acc: torch.Tensor, high: torch.Tensor, cut: _LayerCut) -> None:
+    """Add a layer's high histogram minus its protected weights to ``acc`` (exact without resolving the cut)."""
     if cut.protects_all:
-        return out.zero_()
-    out[cut.high_bin + 1:] = 0
-    out[cut.high_bin] -= cut.protected_in_bin
-    return out
+        return
+    if cut.protects_nothing:
+        acc += high
+        return
+    acc[:cut.high_bin + 1] += high[:cut.high_bin + 1]
+    acc[cut.high_bin] -= cut.protected_in_bin
 
 
-def _unprotected_low(cut: _LayerCut, high_bin: int, raw: dict[int, int]) -> dict[int, int]:
+_NO_LOWS = LowCounts(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
+
+
+def _unprotected_low(cut: _LayerCut, high_bin: int, raw: LowCounts) -> LowCounts:
     """Sparse low histogram of a layer's unprotected weights inside the global bin ``high_bin``."""
     if cut.protects_all or (not cut.protects_nothing and cut.high_bin < high_bin):
-        return {}  # the whole bin lies above this layer's protection cut: all protected
+        return _NO_LOWS  # the whole bin lies above this layer's protection cut: all protected
     if cut.protects_nothing or cut.high_bin > high_bin:
         return raw
     v = cut.cut_bits & 0xFFFF
-    out = {low: c for low, c in raw.items() if low < v}
-    if raw.get(v, 0) - cut.ties_protected:
-        out[v] = raw[v] - cut.ties_protected
+    out = raw.below(v)
+    left_at_cut = raw.at(v) - cut.ties_protected
+    if left_at_cut:  # v is above every bin of ``out``, so appending keeps the bins ascending
+        out = LowCounts(np.append(out.bins, v), np.append(out.counts, left_at_cut))
     return out
 
 
@@ -169,7 +173,7 @@ def layer_top_cut(values: torch.Tensor, keep: int) -> tuple[int, int]:
     if keep >= values.numel():
         return KEEP_ALL, 0
     cut = _protection(radix.high_histogram(values), keep)
-    cut.resolve(radix.low_counts_in_bin(values, cut.high_bin))
+    cut.resolve(LowCounts.of(radix.lows_in_bin(values, cut.high_bin)))
     return cut.cut_bits, cut.ties_protected
 
 
@@ -256,48 +260,54 @@ def _group(shards) -> dict[int, list[Shard]]:
     return out
 
 
+def _work_of(local) -> dict[int, int]:
+    """Weights this rank holds per layer: what a pass over the layer costs here."""
+    return {layer: sum(s.values.numel() for s in pieces) for layer, pieces in local.items()}
+
+
 def _first_piece_here(layer, local) -> bool:
     return any(s.offset == 0 for s in local.get(layer, []))
 
 
 def _high_of(pieces: list[Shard]) -> torch.Tensor:
-    hist = torch.zeros(radix.HIGH_BINS, dtype=torch.int64)
-    for s in pieces:
-        hist += radix.high_histogram(s.values).cpu()
-    return hist
+    if len(pieces) == 1:
+        return radix.high_histogram(pieces[0].values)
+    return sum((radix.high_histogram(s.values) for s in pieces), torch.zeros(radix.HIGH_BINS, dtype=torch.int64))
 
 
-def _low_of(pieces: list[Shard], high_bin: int) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for s in pieces:
-        for low, c in radix.low_counts_in_bin(s.values, high_bin).items():
-            out[low] = out.get(low, 0) + c
-    return out
+def _low_of(pieces: list[Shard], high_bin: int) -> LowCounts:
+    if not pieces:
+        return _NO_LOWS
+    return LowCounts.of(np.concatenate([radix.lows_in_bin(s.values, high_bin) for s in pieces]))
 
 
 def _protection_round(local, sizes, mins, split, comm):
     """Round one: each layer's MT bin, and the all-reduced high histogram of unprotected weights."""
-    cuts: dict[int, _LayerCut] = {}
-    global_high = torch.zeros(radix.HIGH_BINS, dtype=torch.int64)
+    global_high = radix.PerThread(lambda: torch.zeros(radix.HIGH_BINS, dtype=torch.int64))
     mt_split = sorted(layer for layer in split if 0 < mins[layer] < sizes[layer])
-    for layer in sorted(set(local) | split):
+
+    def round_one(layer: int) -> _LayerCut:
         m, n = mins[layer], sizes[layer]
         if m == n:
-            cuts[layer] = _LayerCut(radix.HIGH_BINS)
-        elif m == 0:
-            cuts[layer] = _LayerCut(-1)
-            global_high += _high_of(local.get(layer, []))
-        elif layer not in split:  # layer by layer, so only one layer's histogram is alive at a time
+            return _LayerCut(radix.HIGH_BINS)
+        cut = _LayerCut(-1)
+        if layer in local:  # a layer's histogram lives only while its lane works on it
             high = _high_of(local[layer])
-            cuts[layer] = _protection(high, m)
-            global_high += _unprotected_high(high, cuts[layer])
+            cut = _protection(high, m) if m else cut
+            _add_unprotected(global_high.get(), high, cut)
+        return cut
+
+    layers = sorted(set(local) - set(mt_split))
+    cuts = dict(zip(layers, radix.map_layers(round_one, layers, _work_of(local))))
+    for layer in split - set(local) - set(mt_split):  # split layers with no piece here
+        cuts[layer] = _LayerCut(radix.HIGH_BINS if mins[layer] == sizes[layer] else -1)
     if mt_split:  # layers cut across ranks need their own histograms summed first
         highs = comm.allreduce_sum(torch.stack([_high_of(local.get(layer, [])) for layer in mt_split]))
         for i, layer in enumerate(mt_split):
             cuts[layer] = _protection(highs[i], mins[layer])
             if _first_piece_here(layer, local):
-                global_high += _unprotected_high(highs[i], cuts[layer])
-    return cuts, comm.allreduce_sum(global_high)
+                _add_unprotected(global_high.get(), highs[i], cuts[layer])
+    return cuts, comm.allreduce_sum(global_high.total())
 
 
 def _global_round(local, cuts, global_high, need, num_layers, split, comm):
@@ -308,34 +318,36 @@ def _global_round(local, cuts, global_high, need, num_layers, split, comm):
     to_resolve = [layer for layer in sorted(split) if _needs_resolve(cuts[layer], high_bin)]
     if to_resolve:
         lows = comm.allreduce_sum(torch.stack([
-            radix.dense_low(_low_of(local.get(layer, []), cuts[layer].high_bin)) for layer in to_resolve]))
+            _low_of(local.get(layer, []), cuts[layer].high_bin).dense() for layer in to_resolve]))
         for i, layer in enumerate(to_resolve):
-            cuts[layer].resolve({int(k): int(lows[i, k]) for k in lows[i].nonzero().flatten().tolist()})
-    global_low = torch.zeros(radix.LOW_BINS, dtype=torch.int64)
-    unprot: dict[int, dict[int, int]] = {}
-    for layer, pieces in local.items():
-        cut = cuts[layer]
+            cuts[layer].resolve(LowCounts.from_dense(lows[i]))
+
+    def round_two(layer: int) -> LowCounts:
+        """The layer's unprotected low counts in the global bin; resolves its own MT cut on the way."""
+        pieces, cut = local[layer], cuts[layer]
         reads_bin = need and not cut.protects_all and (cut.protects_nothing or cut.high_bin >= high_bin)
-        raw = _low_of(pieces, high_bin) if reads_bin else {}
+        raw = _low_of(pieces, high_bin) if reads_bin else _NO_LOWS
         if layer not in split and _needs_resolve(cut, high_bin):
             cut.resolve(raw if cut.high_bin == high_bin else _low_of(pieces, cut.high_bin))
         if layer in split and cut.cut_bits is not None and cut.high_bin == high_bin:
             # Protection inside the shared bin is subtracted once, by the rank holding the first piece.
-            counts = dict(raw)
             if _first_piece_here(layer, local):
-                for low, c in _protected_low(cuts[layer], lows[to_resolve.index(layer)]).items():
-                    counts[low] = counts.get(low, 0) - c
-        else:
-            counts = _unprotected_low(cut, high_bin, raw)
-        unprot[layer] = counts
-        global_low += radix.dense_low(counts)
+                return LowCounts.from_dense(raw.dense() - _protected_low(cut, lows[to_resolve.index(layer)]))
+            return raw
+        return _unprotected_low(cut, high_bin, raw)
+
+    layers = sorted(local)
+    unprot = dict(zip(layers, radix.map_layers(round_two, layers, _work_of(local))))
     if not need:
         return KEEP_NONE, 0, [0] * num_layers
-    global_low = comm.allreduce_sum(global_low)
+    global_low = np.zeros(radix.LOW_BINS, dtype=np.int64)
+    for counts in unprot.values():
+        global_low[counts.bins] += counts.counts  # bins are distinct within a layer
+    global_low = comm.allreduce_sum(torch.from_numpy(global_low))
     low_bin, above_low = radix.find_cut(global_low, need - above_high)
     unprot_ties = [0] * num_layers
     for layer, counts in unprot.items():
-        unprot_ties[layer] = counts.get(low_bin, 0)
+        unprot_ties[layer] = counts.at(low_bin)
     return (high_bin << 16) | low_bin, need - above_high - above_low, unprot_ties
 
 
@@ -343,8 +355,10 @@ def _needs_resolve(cut: _LayerCut, high_bin: int) -> bool:
     return not (cut.protects_all or cut.protects_nothing) and cut.high_bin <= high_bin
 
 
-def _protected_low(cut: _LayerCut, full_low: torch.Tensor) -> dict[int, int]:
+def _protected_low(cut: _LayerCut, full_low: torch.Tensor) -> torch.Tensor:
+    """Dense low histogram of a split layer's protected weights inside its cut's high bin."""
     v = cut.cut_bits & 0xFFFF
-    out = {int(k): int(full_low[k]) for k in full_low.nonzero().flatten().tolist() if k > v}
+    out = full_low.clone()
+    out[:v] = 0
     out[v] = cut.ties_protected
     return out
