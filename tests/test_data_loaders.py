@@ -260,3 +260,22 @@ def test_synthetic_is_imagenet_shaped_and_deterministic() -> None:
     assert all(torch.equal(p, q) for p, q in zip(epoch(a.val), epoch(b.val)))
     with pytest.raises(UserError, match="synthetic"):
         build_loaders(config("synthetic", None, "ffcv"), 0, 1, CPU)
+
+
+@pytest.mark.parametrize("flip_prob", [0.0, 1.0])
+def test_ffcv_flip_normalize_equals_flip_then_normalise(flip_prob) -> None:
+    """The fused CPU stage, as Python and as FFCV compiles it (numba), against torch's flip + normalise."""
+    pytest.importorskip("ffcv")
+    from ffcv.pipeline.compiler import Compiler
+
+    from gmp_dist.data.ffcv_ops import FlipNormalize
+
+    images = np.random.default_rng(0).integers(0, 256, (4, 5, 7, 3), dtype=np.uint8)
+    mean, std = np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255
+    code = FlipNormalize(mean, std, flip_prob).generate_code()
+    expected = torch.from_numpy(images).flip(2) if flip_prob else torch.from_numpy(images)
+    expected = (expected.double() - torch.tensor(mean)) / torch.tensor(std)
+    for fn in (code, Compiler.compile(code)):
+        out = fn(images, np.zeros(images.shape, np.float32))
+        assert out.dtype == np.float32
+        assert torch.allclose(torch.from_numpy(out).double(), expected, atol=1e-5)
