@@ -11,7 +11,8 @@ import statistics
 import time
 
 import torch
-import torch.nn as nn
+
+from bench.training import train_step
 
 
 def _throughput(model, opt, pruner, x, y, steps: int) -> float:
@@ -19,13 +20,7 @@ def _throughput(model, opt, pruner, x, y, steps: int) -> float:
     for _ in range(steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if pruner is not None:
-            pruner.apply()
+        train_step(model, opt, x, y, pruner, lambda: torch.autocast("cuda", dtype=torch.bfloat16))
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return x.shape[0] / statistics.median(times)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import subprocess
 import sys
@@ -38,14 +39,20 @@ def _step_setup():
     return model, opt, pruner, x, y
 
 
-def _step(model, opt, x, y, pruner=None) -> float:
-    start = time.perf_counter()
-    loss = nn.functional.cross_entropy(model(x), y)
+def train_step(model, opt, x, y, pruner=None, forward_context=contextlib.nullcontext) -> None:
+    """One SGD step as the engine takes it: forward (inside ``forward_context``), backward, step, masks."""
+    with forward_context():
+        loss = nn.functional.cross_entropy(model(x), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
     if pruner is not None:
         pruner.apply()
+
+
+def _step(model, opt, x, y, pruner=None) -> float:
+    start = time.perf_counter()
+    train_step(model, opt, x, y, pruner)
     return time.perf_counter() - start
 
 

@@ -248,7 +248,7 @@ def test_digits_split_is_fixed_stratified_and_normalised(tmp_path) -> None:
     with np.load(tmp_path / "a" / "train.npz") as a, np.load(tmp_path / "b" / "train.npz") as b, \
             np.load(tmp_path / "a" / "val.npz") as val:
         np.testing.assert_array_equal(a["x"], b["x"])  # same seed, same split
-        x, y, y_val = a["x"], a["y"], val["y"]
+        x, y_val = a["x"], val["y"]
     assert x.shape == (1437, 1, 8, 8) and x.dtype == np.float32
     assert abs(float(x.mean())) < 1e-5 and abs(float(x.std()) - 1) < 1e-4
     assert set(np.bincount(y_val, minlength=10)) <= {35, 36, 37}  # stratified: ~36 of each digit

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import http_ok, pid_alive
+
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"
 SCRIPTS = ["submit.sh", "local_cluster.sh", "mlflow_server.sh"]
@@ -101,14 +103,6 @@ def test_cluster_manifests_are_valid_yaml_with_gpu_workers():
     assert any(e["name"] == "MLFLOW_TRACKING_URI" for e in head["env"])
 
 
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
-
-
 @pytest.mark.slow
 def test_local_cluster_start_submit_stop(tmp_path):
     state = tmp_path / "state"
@@ -132,7 +126,7 @@ def test_local_cluster_start_submit_stop(tmp_path):
         assert "export RAY_AUTH_MODE=token" in started.stdout
         assert "Local node IP: 127.0.0.1" in _plain((state / "ray-start.log").read_text())  # loopback only
         pid = int((state / "head.pid").read_text())
-        assert _answers(f"http://127.0.0.1:{dashboard_port}/api/gcs_healthz")
+        assert http_ok(f"http://127.0.0.1:{dashboard_port}/api/gcs_healthz")
         with urllib.request.urlopen(f"http://127.0.0.1:{dashboard_port}/api/authentication_mode", timeout=3) as r:
             assert b'"token"' in r.read()
         assert _run([script, "status"], env=env).returncode == 0
@@ -146,14 +140,14 @@ def test_local_cluster_start_submit_stop(tmp_path):
 
         stopped = _run([script, "stop"], env=env, timeout=120)
         assert stopped.returncode == 0 and f"stopped the Ray head (pid {pid})" in stopped.stdout
-        assert not _pid_alive(pid)
-        assert not _answers(f"http://127.0.0.1:{dashboard_port}/api/gcs_healthz")
+        assert not pid_alive(pid)
+        assert not http_ok(f"http://127.0.0.1:{dashboard_port}/api/gcs_healthz")
         assert _run([script, "status"], env=env).returncode == 3
     finally:
         pid_file = state / "head.pid"
         if pid_file.exists():
             leftover = int(pid_file.read_text())
-            if _pid_alive(leftover):
+            if pid_alive(leftover):
                 os.kill(leftover, signal.SIGTERM)
 
 
@@ -171,11 +165,3 @@ def _ray_status(gcs_port: int, env: dict) -> str:
 
 def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)  # Ray colours its log
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

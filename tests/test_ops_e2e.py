@@ -10,13 +10,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import stop_process_group
+from conftest import http_ok, pid_alive, stop_process_group
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"
@@ -53,22 +52,6 @@ def _train(tmp: Path, config: Path, *items: str, timeout: int = 300) -> subproce
                 cwd=tmp, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -127,15 +110,15 @@ def test_submit_to_a_local_ray_head_tracks_every_epoch(tmp_path):
         assert (tmp_path / "runs" / name / "final.pt").is_file()
 
         stopped = _run([cluster, "stop"], env=env, cwd=tmp_path, timeout=120)
-        assert stopped.returncode == 0 and not _pid_alive(head_pid)
-        assert not _answers(f"{address}/api/gcs_healthz")
+        assert stopped.returncode == 0 and not pid_alive(head_pid)
+        assert not http_ok(f"{address}/api/gcs_healthz")
     finally:
         pid_file = state / "head.pid"
         if pid_file.exists():
             leftover = int(pid_file.read_text())
-            if _pid_alive(leftover):
+            if pid_alive(leftover):
                 _run([cluster, "stop"], env=env, cwd=tmp_path, timeout=120)
-            if _pid_alive(leftover):
+            if pid_alive(leftover):
                 os.kill(leftover, signal.SIGTERM)
 
 
@@ -154,7 +137,7 @@ def test_training_tracks_to_a_real_mlflow_server(tmp_path):
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
-        while not _answers(f"{uri}/health"):
+        while not http_ok(f"{uri}/health"):
             assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the MLflow server did not answer within 180 s"
             time.sleep(1)

@@ -30,7 +30,7 @@ T = TypeVar("T")
 
 
 def _pool() -> ThreadPoolExecutor | None:
-    """Threads over chunks: the torch kernels used here run on one core each, and release the GIL."""
+    """Threads for whole layers or chunks: the kernels used here run on one core each and release the GIL."""
     global _POOL
     threads = torch.get_num_threads()
     if threads < 2:
