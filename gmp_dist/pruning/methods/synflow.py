@@ -31,7 +31,7 @@ def synflow_round_scores(net: torch.nn.Module, params, abs_weights, masks, ones:
             p.copy_(w * m)
     flow = net(ones).sum()
     grads = torch.autograd.grad(flow, list(params), allow_unused=True)
-    raw = [torch.zeros_like(p) if g is None else (g * p).abs() for p, g in zip(params, grads)]
+    raw = [torch.zeros_like(p.detach()) if g is None else (g * p.detach()).abs() for p, g in zip(params, grads)]
     # One global scale (the same on every rank) keeps float64 flows inside float32's range for the radix ranking.
     top = max(float(r.max()) for r in raw if r.numel()) or 1.0
     return [torch.where(m, (r / top).float().clamp_min(_SMALLEST_ALIVE), 0.0) for r, m in zip(raw, masks)]
