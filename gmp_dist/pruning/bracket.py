@@ -24,7 +24,8 @@ import torch
 
 from gmp_dist.pruning import radix
 
-SAMPLE_TARGET = 1 << 16  # samples per decision: the bracket's width in weights shrinks as 1/sqrt of this
+SAMPLE_TARGET = 1 << 16  # samples per decision at least: the bracket's width shrinks as 1/sqrt of this
+MAX_STRIDE = 512  # and at least one weight in 512, so the bracket's share of the weights falls as models grow
 MIN_LAYER_SAMPLES = 1024  # small layers are sampled more densely (or whole) so their estimate is not a guess
 Z_MARGIN = 6.0  # bracket half-width in standard deviations of the estimated kept count
 LAYER_Z_MARGIN = 3.0  # the same for one layer's MT cut: a miss costs only that layer two more passes
@@ -34,8 +35,9 @@ _FLAGS = threading.local()
 
 
 def sample_stride(num_weights: int) -> int:
-    """A prime near ``num_weights / SAMPLE_TARGET``: a prime step does not alias with kernel or channel periods."""
-    stride = max(1, num_weights // SAMPLE_TARGET)
+    """A prime near ``num_weights / SAMPLE_TARGET`` (at most ~MAX_STRIDE): a prime step does not alias with
+    kernel or channel periods."""
+    stride = max(1, min(num_weights // SAMPLE_TARGET, MAX_STRIDE))
     while stride > 2 and any(stride % p == 0 for p in range(2, math.isqrt(stride) + 1)):
         stride += 1
     return stride
@@ -117,33 +119,43 @@ def _flags(size: int) -> np.ndarray:
     return buf[:size]
 
 
-def scan_bracket(values: torch.Tensor, lo: int, hi: int) -> tuple[int, np.ndarray]:
-    """(count of |w| bit patterns > hi, the int32 patterns in [lo, hi]) of ``values``, in one pass."""
-    width = hi - lo
+def scan_ranges(values: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, np.ndarray]]:
+    """Per ``(lo, hi)`` range: (count of |w| bit patterns > hi, the int32 patterns in [lo, hi]), in one pass."""
 
-    def lane_work(chunks: Iterator[torch.Tensor]) -> tuple[int, list[np.ndarray]]:
-        above, found, top = 0, [], 0
+    def lane_work(chunks: Iterator[torch.Tensor]) -> tuple[list[int], list[list[np.ndarray]]]:
+        above, found, top = [0] * len(ranges), [[] for _ in ranges], 0
         for bits in chunks:  # the lane's scratch: rewritten per chunk, so it may be modified in place
             if bits.is_cpu:
                 arr = bits.numpy()
                 top = max(top, int(arr.max()))
                 flags = _flags(arr.size)
-                above += int(np.count_nonzero(np.greater(arr, hi, out=flags)))
-                np.subtract(arr, np.int32(lo), out=arr)  # in [lo, hi] iff 0 <= bits - lo <= width: one unsigned compare
-                found.append(arr[np.less_equal(arr.view(np.uint32), width, out=flags)] + np.int32(lo))
+                for i, (_, hi) in enumerate(ranges):
+                    above[i] += int(np.count_nonzero(np.greater(arr, hi, out=flags)))
+                shift = 0
+                for i, (lo, hi) in enumerate(ranges):
+                    # In [lo, hi] iff 0 <= bits - lo <= hi - lo: one unsigned compare. Shifting by the
+                    # difference of offsets may wrap in int32 but ends exactly at bits - lo.
+                    np.subtract(arr, np.int32(lo - shift), out=arr)
+                    shift = lo
+                    found[i].append(arr[np.less_equal(arr.view(np.uint32), hi - lo, out=flags)] + np.int32(lo))
             else:
                 top = max(top, int(bits.max()))
-                above += int((bits > hi).sum())
-                found.append(bits[(bits >= lo) & (bits <= hi)].cpu().numpy())
+                for i, (lo, hi) in enumerate(ranges):
+                    above[i] += int((bits > hi).sum())
+                    found[i].append(bits[(bits >= lo) & (bits <= hi)].cpu().numpy())
         if top >= INF_BITS:
             raise ValueError("weights contain NaN or Inf; refusing to rank them by magnitude")
         return above, found
 
     if not values.numel():
-        return 0, np.empty(0, dtype=np.int32)
+        return [(0, np.empty(0, dtype=np.int32)) for _ in ranges]
     lanes = radix._scan(values, lane_work)
-    parts = [piece for _, found in lanes for piece in found]
-    return sum(above for above, _ in lanes), (np.concatenate(parts) if parts else np.empty(0, dtype=np.int32))
+    out = []
+    for i in range(len(ranges)):
+        parts = [piece for _, found in lanes for piece in found[i]]
+        out.append((sum(above[i] for above, _ in lanes),
+                    np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)))
+    return out
 
 
 def layer_cut_range(sorted_bits: np.ndarray, size: int, keep: int) -> tuple[int, int]:
@@ -171,17 +183,18 @@ class _LayerResult(NamedTuple):
     ties_protected: int
 
 
-def _layer_in_bracket(values: torch.Tensor, keep: int, lo: int, hi: int, scan: tuple[int, int],
+def _layer_in_bracket(values: torch.Tensor, keep: int, lo: int, hi: int, mt_range: tuple[int, int] | None,
                       top_cut: Callable[[torch.Tensor, int], tuple[int, int]]) -> _LayerResult:
-    """One layer's pass over ``scan`` (the bracket, or its hull with the layer's MT cut range) and its
-    exact MT cut, from candidates only unless the sample misled about this layer."""
-    above_scan, found = scan_bracket(values, *scan)
-    cands = found if scan == (lo, hi) else found[(found >= lo) & (found <= hi)]
-    above = above_scan + int(np.count_nonzero(found > hi))
+    """One layer's pass (the bracket, plus ``mt_range`` around its MT cut when that may lie below the
+    bracket) and its exact MT cut, from candidates only unless the sample misled about this layer."""
+    scanned = scan_ranges(values, [(lo, hi)] if mt_range is None else [(lo, hi), mt_range])
+    above, cands = scanned[0]
     if above >= keep:  # protection lies wholly above the bracket (or there is none)
         return _LayerResult(above - keep, cands, hi + 1, 0)
-    if keep - above_scan <= found.size:  # the MT cut lies inside the scanned range
-        cut, ties_protected = _top_of(found, keep - above_scan)
+    if keep - above <= cands.size:  # the MT cut lies inside the bracket
+        cut, ties_protected = _top_of(cands, keep - above)
+    elif len(scanned) > 1 and 1 <= keep - scanned[1][0] <= scanned[1][1].size:  # inside the layer's own range
+        cut, ties_protected = _top_of(scanned[1][1], keep - scanned[1][0])
     else:  # the sample misled about this layer: its cut exactly, with two more passes over it
         cut, ties_protected = top_cut(values, keep)
     left_at_cut = int(np.count_nonzero(cands == cut)) - ties_protected if lo <= cut <= hi else 0
@@ -204,11 +217,12 @@ def decide_in_bracket(local: Mapping[int, Sequence], sizes: Sequence[int], mins:
     lo, hi = bracket(KeptEstimate(samples, sizes, mins), budget)
 
     def one_layer(layer: int) -> _LayerResult:
-        scan = (lo, hi)
-        if mins[layer]:  # a cut that may lie below the bracket is read in the same pass: scan the hull
+        mt_range = None
+        if mins[layer]:  # a cut that may lie below the bracket is read in the same pass
             mt_lo, mt_hi = layer_cut_range(samples[layer], sizes[layer], mins[layer])
-            scan = (mt_lo, max(hi, mt_hi)) if mt_lo < lo else scan
-        return _layer_in_bracket(local[layer][0].values, mins[layer], lo, hi, scan, top_cut)
+            if mt_lo < lo:
+                mt_range = (mt_lo, min(mt_hi, lo - 1))  # [lo, hi] is read anyway
+        return _layer_in_bracket(local[layer][0].values, mins[layer], lo, hi, mt_range, top_cut)
 
     results = dict(zip(open_layers, radix.map_layers(one_layer, open_layers, work)))
     per_layer = torch.zeros(3, len(sizes), dtype=torch.int64)
