@@ -169,6 +169,7 @@ def _check_checkpoint(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def gpu_run(tmp_path_factory, digits_dir) -> Path:
     """The local runner (no Ray), world size 1, ``scaling.use_gpu: true``: it trains in this process."""
+    pytest.importorskip("mlflow", reason="the training path needs mlflow (carry its wheels to the GPU machine)")
     from gmp_dist.commands.train import preflight, run_training
     from gmp_dist.config import load_config
 
@@ -193,6 +194,7 @@ def test_local_runner_world_size_1_on_the_gpu(gpu_run):
 
 @pytest.mark.timeout(600)
 def test_ray_torch_trainer_with_use_gpu_quickstart(tmp_path, digits_dir):
+    pytest.importorskip("ray.train", reason="needs ray[train] (carry its wheels to the GPU machine)")
     cmd = [sys.executable, "-m", "gmp_dist", "train", str(GMP90),
            *[a for s in _sets(tmp_path, digits_dir, "gpu-ray") for a in ("--set", s)]]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=560,
