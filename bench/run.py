@@ -21,6 +21,7 @@ from pathlib import Path
 MODULES = [
     "bench.selection",
     "bench.scaling",
+    "bench.methods",
     "bench.training",
     "bench.loader",
     "bench.export",
