@@ -132,16 +132,16 @@ def _epoch_times(use_ray: bool, tmp: Path) -> tuple[list[float], float]:
 
 
 def ray_vs_torch_epoch_ratios(rounds: int = MIN_REPEATS) -> tuple[list[float], float, float]:
-    """Per round (a Ray run, then a torch.distributed run): median steady-state epoch of Ray / of torch.
+    """Per round (a Ray run and a torch.distributed run): median steady-state epoch of Ray / of torch.
 
     One run of each was not enough on a shared 2-core VM: epoch times of the same run drift by up to
     30%, so a single pair could land anywhere between 1.0 and 1.26; the figure is the median round.
     """
     ratios: list[float] = []
     startups: dict[str, list[float]] = {"ray": [], "torch": []}
-    for _ in range(rounds):
+    for round_ in range(rounds):
         steady = {}
-        for name in ("ray", "torch"):
+        for name in ("ray", "torch") if round_ % 2 == 0 else ("torch", "ray"):  # A B, B A, ...: drift cancels
             with tempfile.TemporaryDirectory() as tmp:
                 times, wall = _epoch_times(name == "ray", Path(tmp))
             steady[name] = statistics.median(times[1:])  # epoch 0 includes warm-up
