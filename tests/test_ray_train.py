@@ -22,7 +22,7 @@ from gmp_dist.models import build_model
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-PID_OF_RANK = re.compile(r"pid=(\d+)\).*\[rank (\d+)\]")
+PID_OF_RANK = re.compile(r"rank (\d+) pid (\d+)")  # rank 0's "2 workers: rank 0 pid 123, rank 1 pid 456"
 
 
 def _dense(tmp_path: Path) -> Path:
@@ -53,9 +53,8 @@ def _run_and_kill(cmd: list[str], cwd: Path, kill_after: str, before_kill=None, 
     try:
         for line in proc.stdout:
             lines.append(line)
-            found = PID_OF_RANK.search(line)
-            if found:
-                pids.setdefault(int(found.group(2)), int(found.group(1)))
+            for rank, pid in PID_OF_RANK.findall(line):
+                pids.setdefault(int(rank), int(pid))
             if killed is None and "[rank 0]" in line and kill_after in line and 1 in pids:
                 if before_kill:
                     before_kill()

@@ -17,7 +17,7 @@ import torch
 
 from gmp_dist.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from gmp_dist.errors import UserError
-from gmp_dist.models import build_model, get_spec
+from gmp_dist.models import build_model, input_shape_of
 from gmp_dist.models.flops import dense_macs
 from gmp_dist.pruning.apply import decide_masks
 from gmp_dist.pruning.masks import resolve_min_weights
@@ -29,7 +29,12 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="registry name (gmp_dist.models), e.g. resnet50, mobilenet_v1")
+    p.add_argument("--model", required=True,
+                   help="a registered name (resnet50, mobilenet_v1, ...), torchvision/<builder> (e.g."
+                        " torchvision/resnet18) or <module>:<callable> (your own builder); `gmp-dist models` lists them")
+    p.add_argument("--input-shape", type=parse_input_shape, default=None, metavar="C,H,W",
+                   help="one input sample without the batch dimension, for FLOPs; required for <module>:<callable>,"
+                        " default the model's own (3,224,224 for torchvision/...)")
     p.add_argument("--checkpoint", help="state_dict saved with torch.save (or a gmp-dist training checkpoint);"
                                         " without it the model's own initialisation, seeded by --seed")
     p.add_argument("--sparsity", type=float, required=True, help="fraction of prunable weights removed, 0 <= S < 1")
@@ -45,6 +50,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=int, help="override the model's number of classes")
     p.add_argument("--seed", type=int, default=0, help="seed for the initialisation when no --checkpoint")
     p.add_argument("--out", required=True, help="output state_dict path (.pt); the report goes to the .json beside it")
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``"3,32,32"`` -> ``(3, 32, 32)``; argparse turns the ValueError into exit 2 naming the option."""
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 3,224,224") from None
+    if not shape or any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"{text!r}: every dimension must be a positive integer, e.g. 3,224,224")
+    return shape
 
 
 def _check_args(args: argparse.Namespace) -> Path:
@@ -64,7 +80,7 @@ def _check_args(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     out = _check_args(args)
-    spec = get_spec(args.model)
+    input_shape = input_shape_of(args.model, args.input_shape)
     torch.manual_seed(args.seed)
     model = build_model(args.model, num_classes=args.num_classes)
     if args.checkpoint:
@@ -78,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         for (_, param), mask in zip(named, masks):
             param.mul_(mask)
     report = pruning_report(
-        args.model, [n for n, _ in named], masks, dense_macs(model, spec.input_shape, args.exclude), min_weights,
+        args.model, [n for n, _ in named], masks, dense_macs(model, input_shape, args.exclude), min_weights,
         decision.mt_bound if decision else reference_mt_bound(masks, min_weights),
         decision.threshold if decision else None)
     report.update({"target_sparsity": args.sparsity, "mt_mode": args.mt_mode, "checkpoint": args.checkpoint})
