@@ -52,7 +52,7 @@ def read_model_source(source: str, tracking_uri: Optional[str] = None) -> ModelF
     if local.exists():
         return _read_local(local, source)
     if not (is_run_id(source) or is_mlflow_uri(source)):
-        raise UserError(f"model source {source!r} does not exist (give {SOURCE_FORMS})")
+        raise UserError(f"model source {source} does not exist (give {SOURCE_FORMS})")
     from gmp_dist.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
@@ -116,17 +116,25 @@ def _read_local(path: Path, source: str) -> ModelFile:
 
 
 def _download(source: str, uri: str, tmp: str) -> Path:
-    from gmp_dist.tracking.models import MODEL_ARTIFACT, download_artifact, is_run_id
+    from gmp_dist.tracking.models import MODEL_ARTIFACT, download_artifact, is_run_id, single_file_artifact
 
     if not is_run_id(source):
         return download_artifact(source, uri, tmp, f"model source {source}")
-    try:  # a run id: its last training checkpoint (it carries the masks), else its MLflow Model
+    # A run id: its last training checkpoint (it carries the masks), else the one checkpoint it logged
+    # under another name, else its MLflow Model.
+    try:
         return download_artifact(f"runs:/{source}/{FINAL_CHECKPOINT_ARTIFACT}", uri, tmp, f"run {source}")
-    except UserError:
-        log.info("run %s has no %s; reading its MLflow Model %r", source, FINAL_CHECKPOINT_ARTIFACT, MODEL_ARTIFACT)
-        return download_artifact(f"runs:/{source}/{MODEL_ARTIFACT}", uri, tmp,
-                                 f"run {source} (neither {FINAL_CHECKPOINT_ARTIFACT} nor an MLflow Model"
-                                 f" {MODEL_ARTIFACT!r})")
+    except UserError as missing:
+        folder = FINAL_CHECKPOINT_ARTIFACT.rpartition("/")[0]
+        other = single_file_artifact(uri, source, folder, ".pt")
+        if other is not None:
+            log.info("run %s has no %s; reading its only checkpoint artifact %s", source, FINAL_CHECKPOINT_ARTIFACT,
+                     other)
+            return download_artifact(f"runs:/{source}/{other}", uri, tmp, f"run {source}")
+        try:
+            return download_artifact(f"runs:/{source}/{MODEL_ARTIFACT}", uri, tmp, f"run {source}")
+        except UserError:
+            raise missing from None
 
 
 def _single_weight_file(folder: Path, source: str) -> Path:

@@ -49,6 +49,18 @@ def download_artifact(artifact_uri: str, tracking_uri: str, dst: str | Path, wha
                         " MLFLOW_TRACKING_URI)") from None
 
 
+def single_file_artifact(tracking_uri: str, run_id: str, folder: str, suffix: str) -> Optional[str]:
+    """The path of the one ``suffix`` file in the run's artifact ``folder``; None when there is not exactly one."""
+    from gmp_dist.tracking.runs import client
+
+    try:
+        files = [f.path for f in client(tracking_uri).list_artifacts(run_id, folder)
+                 if not f.is_dir and f.path.endswith(suffix)]
+    except Exception:  # no such run or folder, server unreachable: the caller reports the original miss
+        return None
+    return files[0] if len(files) == 1 else None
+
+
 def load_pytorch_model(local_dir: Path) -> Any:
     """The ``torch.nn.Module`` of a downloaded MLflow pytorch model folder, on the CPU."""
     import mlflow.pytorch
