@@ -9,7 +9,9 @@ becomes a local path; ``load_pytorch_model`` reads a downloaded MLflow Model fol
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -39,6 +41,8 @@ def download_artifact(artifact_uri: str, tracking_uri: str, dst: str | Path, wha
     """Download an MLflow artifact (file or folder) under ``dst``; UserError naming ``what`` on failure."""
     import mlflow.artifacts
 
+    if not sys.stderr.isatty():  # MLflow's per-file download bars are noise in CI logs and pipes
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst),
                                                         tracking_uri=tracking_uri))
