@@ -14,7 +14,11 @@ import yaml
 from gmp_dist.checkpoint import load_checkpoint
 from gmp_dist.cli import main
 from gmp_dist.pruning.selection import prunable_parameters
-from test_data_helpers import IMAGE_CLASSES, make_imagefolder
+
+try:
+    from test_data_helpers import IMAGE_CLASSES, make_imagefolder
+except ImportError:  # run as the package tests.*
+    from tests.test_data_helpers import IMAGE_CLASSES, make_imagefolder
 
 NAME = "byo-resnet18"
 

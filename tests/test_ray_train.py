@@ -127,6 +127,12 @@ def test_quickstart_demo_end_to_end(tmp_path):
                            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--dense-epochs", "8",
                            "--finetune-epochs", "3"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    console = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(console) <= 60, "\n".join(console)  # rank 0's epoch lines, not Ray's
+    for noise in ("TrainingReport(", "Reporting training result", "Failed to query Ray Train Controller",
+                  "State API", "re-logged steps are skipped", "Tip: use `ray status`", "(autoscaler"):
+        assert not any(noise in line for line in console), noise
+    assert sum("[rank 0]" in line and " epoch " in line for line in console) == 3  # one line per epoch
     table = dict(re.findall(r"^(.+?)\s{2,}(\S+)$", proc.stdout, flags=re.M))
     assert float(table["top-1 after fine-tuning (%)"]) >= 95.0
     assert float(table["sparsity (measured)"]) >= 0.9

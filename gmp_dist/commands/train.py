@@ -168,7 +168,7 @@ def _publish_final(cfg: RunConfig, uri: Optional[str], run_id: Optional[str], re
 
 def _log_mlflow_model(cfg: RunConfig, uri: Optional[str], run_id: Optional[str], final: Path) -> Optional[str]:
     """Log ``final.pt`` (pruned weights exact zeros) as the run's MLflow Model, registered when asked."""
-    if uri is None or run_id is None:
+    if uri is None or run_id is None or not cfg.tracking.log_model:
         return None
     from gmp_dist.checkpoint import load_checkpoint, load_state_dict_checked
     from gmp_dist.tracking.models import log_final_model

@@ -135,6 +135,8 @@ class TrackingCfg(Section):
     uri: Optional[str] = None
     run_name: Optional[str] = None
     log_checkpoint_artifact: bool = True
+    # Log the final masked model as the run's MLflow Model "model" (off: e.g. benchmarks timing the loop only).
+    log_model: bool = True
     # Register the final model (the run's MLflow Model "model") as a new version of this registered model.
     registered_model_name: Optional[str] = Field(default=None, min_length=1)
 

@@ -91,8 +91,14 @@ def log_final_model(uri: str, run_id: str, model: Any, input_shape: Sequence[int
     # log_model attaches the model to the active run. Leaving the block marks the run FINISHED (FAILED on an
     # exception); the driver sets the run's final status right after, so nothing is left RUNNING either way.
     with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(model, name=MODEL_ARTIFACT, input_example=example, signature=signature,
-                                 registered_model_name=registered_model_name)
+        try:  # pt2 (torch.export): MLflow 3's default, loads without running pickled code
+            mlflow.pytorch.log_model(model, name=MODEL_ARTIFACT, input_example=example, signature=signature,
+                                     registered_model_name=registered_model_name, serialization_format="pt2")
+        except Exception as exc:  # a forward torch.export cannot trace (data-dependent control flow, ...)
+            log.warning("torch.export could not trace %s (%s: %s); logging the MLflow Model pickled instead",
+                        type(model).__name__, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            mlflow.pytorch.log_model(model, name=MODEL_ARTIFACT, input_example=example, signature=signature,
+                                     registered_model_name=registered_model_name, serialization_format="pickle")
     if registered_model_name:
         log.info("registered the final model as %s", registered_model_name)
     return f"runs:/{run_id}/{MODEL_ARTIFACT}"
