@@ -99,6 +99,4 @@ def log_final_model(uri: str, run_id: str, model: Any, input_shape: Sequence[int
                         type(model).__name__, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             mlflow.pytorch.log_model(model, name=MODEL_ARTIFACT, input_example=example, signature=signature,
                                      registered_model_name=registered_model_name, serialization_format="pickle")
-    if registered_model_name:
-        log.info("registered the final model as %s", registered_model_name)
     return f"runs:/{run_id}/{MODEL_ARTIFACT}"
