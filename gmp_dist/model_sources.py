@@ -116,25 +116,37 @@ def _read_local(path: Path, source: str) -> ModelFile:
 
 
 def _download(source: str, uri: str, tmp: str) -> Path:
-    from gmp_dist.tracking.models import MODEL_ARTIFACT, download_artifact, is_run_id, single_file_artifact
+    from gmp_dist.tracking.models import MODEL_ARTIFACT, is_run_id
 
     if not is_run_id(source):
-        return download_artifact(source, uri, tmp, f"model source {source}")
+        return _fetch(source, uri, tmp)
     # A run id: its last training checkpoint (it carries the masks), else the one checkpoint it logged
     # under another name, else its MLflow Model.
     try:
-        return download_artifact(f"runs:/{source}/{FINAL_CHECKPOINT_ARTIFACT}", uri, tmp, f"run {source}")
+        return _fetch(f"runs:/{source}/{FINAL_CHECKPOINT_ARTIFACT}", uri, tmp)
     except UserError as missing:
-        folder = FINAL_CHECKPOINT_ARTIFACT.rpartition("/")[0]
-        other = single_file_artifact(uri, source, folder, ".pt")
+        from gmp_dist.tracking.downloads import only_artifact
+
+        other = only_artifact(source, FINAL_CHECKPOINT_ARTIFACT.rpartition("/")[0], ".pt", uri)
         if other is not None:
             log.info("run %s has no %s; reading its only checkpoint artifact %s", source, FINAL_CHECKPOINT_ARTIFACT,
                      other)
-            return download_artifact(f"runs:/{source}/{other}", uri, tmp, f"run {source}")
+            return _fetch(f"runs:/{source}/{other}", uri, tmp)
         try:
-            return download_artifact(f"runs:/{source}/{MODEL_ARTIFACT}", uri, tmp, f"run {source}")
+            return _fetch(f"runs:/{source}/{MODEL_ARTIFACT}", uri, tmp)
         except UserError:
             raise missing from None
+
+
+def _fetch(artifact_uri: str, uri: str, tmp: str) -> Path:
+    from gmp_dist.tracking.downloads import ArtifactDownloadError, download_artifact
+
+    try:
+        return download_artifact(artifact_uri, tmp, uri)
+    except ArtifactDownloadError as exc:
+        raise UserError(f"could not download {artifact_uri} from the MLflow tracking server {uri}: {exc} (check the"
+                        " run id / model name and version; set tracking.uri, --tracking-uri or MLFLOW_TRACKING_URI"
+                        " to the server that holds it)") from None
 
 
 def _single_weight_file(folder: Path, source: str) -> Path:

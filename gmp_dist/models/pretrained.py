@@ -15,6 +15,7 @@ names the source and the model, so the CLI exits 2 with a readable message.
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
 import torch.nn as nn
 

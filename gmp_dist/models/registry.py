@@ -123,8 +123,8 @@ def _load_builtin() -> None:
         return
     _LOADED = True
     from gmp_dist.models import zoo  # noqa: F401
-    from gmp_dist.models.user_callable import UserCallableSource
     from gmp_dist.models.torchvision_source import TorchvisionSource
+    from gmp_dist.models.user_callable import UserCallableSource
 
     register_source(TorchvisionSource())
     register_source(UserCallableSource())

@@ -2,20 +2,15 @@
 
 ``log_final_model`` logs it at the run's artifact path ``model`` (``runs:/<run_id>/model``) with an input
 example and a signature, and registers a new version when a registered-model name is given.
-``download_artifact`` is the one place an MLflow URI (``runs:/``, ``models:/``, ``mlflow-artifacts:/``)
-becomes a local path; ``load_pytorch_model`` reads a downloaded MLflow Model folder back.
+``load_pytorch_model`` reads a downloaded MLflow Model folder back (downloads: ``tracking.downloads``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
-
-from gmp_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -35,34 +30,6 @@ def is_run_id(source: str) -> bool:
 
 def is_mlflow_model_dir(path: Path) -> bool:
     return path.is_dir() and (path / _MLMODEL).is_file()
-
-
-def download_artifact(artifact_uri: str, tracking_uri: str, dst: str | Path, what: str) -> Path:
-    """Download an MLflow artifact (file or folder) under ``dst``; UserError naming ``what`` on failure."""
-    import mlflow.artifacts
-
-    if not sys.stderr.isatty():  # MLflow's per-file download bars are noise in CI logs and pipes
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst),
-                                                        tracking_uri=tracking_uri))
-    except Exception as exc:  # MlflowException, connection errors, a bad URI
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{what}: MLflow could not download {artifact_uri} from {tracking_uri} ({first}); check the"
-                        " run id / model name and version, and the tracking URI (tracking.uri, --tracking-uri or"
-                        " MLFLOW_TRACKING_URI)") from None
-
-
-def single_file_artifact(tracking_uri: str, run_id: str, folder: str, suffix: str) -> Optional[str]:
-    """The path of the one ``suffix`` file in the run's artifact ``folder``; None when there is not exactly one."""
-    from gmp_dist.tracking.runs import client
-
-    try:
-        files = [f.path for f in client(tracking_uri).list_artifacts(run_id, folder)
-                 if not f.is_dir and f.path.endswith(suffix)]
-    except Exception:  # no such run or folder, server unreachable: the caller reports the original miss
-        return None
-    return files[0] if len(files) == 1 else None
 
 
 def load_pytorch_model(local_dir: Path) -> Any:
