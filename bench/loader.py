@@ -86,7 +86,7 @@ def figures() -> dict:
         for kind in ("ffcv", "torchvision"):
             cfg = RunConfig.model_validate({"data": {
                 "name": "imagenet", "path": str(out), "loader": kind, "batch_size_per_worker": BATCH_SIZE,
-                "num_workers": NUM_WORKERS, "image_size": 224}})
+                "num_workers": NUM_WORKERS, "resolution": 224}})
             loaders[kind] = build_loaders(cfg, 0, 1, torch.device("cpu"))
         rates: dict[str, list[float]] = {kind: [] for kind in loaders}
         startups: dict[str, list[float]] = {kind: [] for kind in loaders}

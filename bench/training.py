@@ -116,7 +116,7 @@ def _epoch_times(use_ray: bool, tmp: Path) -> tuple[list[float], float]:
     sets = [f"name=bench-{name}", "experiment=bench", f"tracking.uri=sqlite:///{db}",
             f"checkpoint.storage_path={tmp / 'runs'}", f"scaling.use_ray={str(use_ray).lower()}",
             "scaling.num_workers=2", "scaling.cpus_per_worker=1", "model.name=resnet32", "model.num_classes=1000",
-            "data.name=synthetic", "data.image_size=32", "data.synthetic_samples=1536", "data.loader=torchvision",
+            "data.name=synthetic", "data.resolution=32", "data.synthetic_samples=1536", "data.loader=torchvision",
             "data.batch_size_per_worker=64", "prune.method=global_mp", "prune.sparsity=0.9", "model.pretrained=null",
             "train.epochs=5", "checkpoint.every_epochs=100", "tracking.log_checkpoint_artifact=false"]
     start = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -22,9 +23,24 @@ log = logging.getLogger(__name__)
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 
 
+# What Ray itself prints on the user's console. Our rank-0 lines go through our own "gmp_dist" logger
+# (its own handler, unaffected); worker tracebacks arrive as the error fit() raises, and as Ray's
+# ERROR-level lines. Ray's INFO/WARNING chatter is not for the user: per-report Train lines, the
+# placement-group cleaner's "Failed to query Ray Train Controller actor state" warnings (the state
+# API needs the dashboard, which a local run does not start), autoscaler tips.
+RAY_LOG_LEVEL = "ERROR"  # ray.init's LoggingConfig: the "ray" logger in every process of the job
+TRAIN_LOG_LEVEL = "WARNING"  # ray.train.LoggingConfig: Train's own console lines (its real warnings stay)
+QUIET_RAY_ENV = {
+    "RAY_SCHEDULER_EVENTS": "0",  # ray._private.ray_constants.AUTOSCALER_EVENTS: no "(autoscaler) Tip: ..." lines
+    "RAY_DEDUP_LOGS": "1",  # identical lines from the two workers are printed once
+}
+
+
 def run_with_ray(cfg: RunConfig, tracking_uri: Optional[str], run_id: Optional[str]) -> dict:
+    for key, value in QUIET_RAY_ENV.items():
+        os.environ.setdefault(key, value)  # read when ray is imported; a user's own setting wins
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     started_here = _connect(ray, cfg)
@@ -36,13 +52,14 @@ def run_with_ray(cfg: RunConfig, tracking_uri: Optional[str], run_id: Optional[s
         trainer = TorchTrainer(
             _train_loop_per_worker,
             train_loop_config={"config_yaml": dump_config(cfg), "tracking_uri": tracking_uri, "run_id": run_id,
-                               "cwd": os.getcwd()},
+                               "cwd": os.getcwd(), "progress": sys.stdout.isatty()},
             scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                          resources_per_worker=resources),
             run_config=RayRunConfig(
                 name=cfg.name, storage_path=_storage_path(cfg.checkpoint.storage_path),
                 failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+                logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL)),
         )
         result = trainer.fit()
         if result.error is not None:
@@ -68,7 +85,8 @@ def _connect(ray, cfg: RunConfig) -> bool:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         try:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=logging.WARNING,
+                     logging_config=ray.LoggingConfig(log_level=RAY_LOG_LEVEL))
         except Exception as exc:  # ConnectionError and friends: a clear message, exit 2
             raise UserError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {exc}; start one with"
                             " `launch/local_cluster.sh start` or unset RAY_ADDRESS to run locally") from None
@@ -80,7 +98,7 @@ def _connect(ray, cfg: RunConfig) -> bool:
     # address="local": always a fresh instance, never silently joining another cluster on this machine.
     ray.init(address="local", num_cpus=max(int(needed + 0.999), os.cpu_count() or 1), include_dashboard=False,
              object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1",
-             logging_level=logging.WARNING,
+             logging_level=logging.WARNING, logging_config=ray.LoggingConfig(log_level=RAY_LOG_LEVEL),
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}})
     return True
 
@@ -113,8 +131,15 @@ def _train_loop_per_worker(loop_config: dict) -> None:
     env = WorkerEnv(ctx=DistContext(rank, world_size, context.get_local_rank(), device),
                     tracker=make_tracker(loop_config["tracking_uri"], loop_config["run_id"], rank),
                     reporter=_RayReporter(), resume_from=resume_from, scratch_dir=scratch,
-                    run_id=loop_config["run_id"])
+                    run_id=loop_config["run_id"], progress=_progress_bar() if loop_config.get("progress") else None)
     train(cfg, env)
+
+
+def _progress_bar():
+    # A worker's stdout is a pipe to the driver; Ray's tqdm sends bar updates to the driver, which draws them.
+    from ray.experimental.tqdm_ray import tqdm
+
+    return tqdm
 
 
 class _RayReporter:
