@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from gmp_dist.config import RunConfig, load_config
-from gmp_dist.errors import UserError
+from gmp_dist.errors import InfeasibleError, UserError
 from gmp_dist.models import build_model
 from gmp_dist.pruning.global_mp import kept_budget
 from gmp_dist.pruning.masks import resolve_min_weights
@@ -65,8 +65,8 @@ def preflight(cfg: RunConfig) -> None:
         m = resolve_min_weights(sum(sizes), cfg.prune.min_weights, cfg.prune.min_threshold_pct)
         protected = sum(min(m, n) for n in sizes)
         if protected > kept_budget(sum(sizes), cfg.prune.sparsity):
-            raise UserError(f"prune.sparsity {cfg.prune.sparsity} is infeasible with {m} weights per layer: the"
-                            f" largest reachable sparsity is {1 - protected / sum(sizes):.6f}")
+            raise InfeasibleError(f"prune.sparsity {cfg.prune.sparsity} is infeasible with {m} weights per layer: the"
+                                  f" largest reachable sparsity is {1 - protected / sum(sizes):.6f}")
     if cfg.prune.method == "structured":
         names = {n for n, _ in prunable_parameters(model)}
         unknown = sorted(set(cfg.prune.structured.ranks) - names)
