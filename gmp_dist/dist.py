@@ -83,3 +83,14 @@ def sum_across_ranks(ctx: DistContext, values: Sequence[float]) -> list[float]:
 def barrier(ctx: DistContext) -> None:
     if ctx.active:
         torch_dist.barrier()
+
+
+def init_local_group(rank: int, world_size: int, port: int) -> None:
+    """Join a gloo group of ``world_size`` processes on this machine (the no-Ray runner and its tests)."""
+    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+
+
+def destroy_group() -> None:
+    """Leave the default process group if this process is in one."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from gmp_dist.config import RunConfig, dump_config, validate_config
-from gmp_dist.dist import DistContext
+from gmp_dist.dist import DistContext, destroy_group, init_local_group
 from gmp_dist.engine.loop import WorkerEnv, configure_worker_logging, train
 from gmp_dist.engine.state import CHECKPOINT_NAME
 from gmp_dist.tracking import make_tracker
@@ -91,8 +90,7 @@ def _worker(rank, world_size, port, config_yaml, tracking_uri, run_id) -> dict:
         configure_worker_logging(rank)
     cfg = validate_config(yaml.safe_load(config_yaml))
     if world_size > 1:
-        torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                      world_size=world_size)
+        init_local_group(rank, world_size, port)
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     try:
         folder = run_dir(cfg)
@@ -103,8 +101,8 @@ def _worker(rank, world_size, port, config_yaml, tracking_uri, run_id) -> dict:
                         scratch_dir=folder, run_id=run_id)
         return train(cfg, env)
     finally:
-        if world_size > 1 and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+        if world_size > 1:
+            destroy_group()
 
 
 def _free_port() -> int:
