@@ -40,9 +40,20 @@ class MethodEntry(Section):
     label: Optional[str] = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
-    def _one_mt(self) -> "MethodEntry":
+    def _valid(self) -> "MethodEntry":
+        from gmp_dist.pruning.methods import available, get_method
+
         if self.min_weights is not None and self.min_threshold_pct is not None:
             raise ValueError("give at most one of min_weights and min_threshold_pct")
+        info = get_method(self.method).info  # a UserError (a ValueError) listing the methods, with a hint
+        if not info.uses_sparsity:
+            usable = ", ".join(i.name for i in available() if i.uses_sparsity)
+            raise ValueError(f"method {self.method!r} is not set by a sparsity, so it has no place on a sparsity"
+                             f" axis (study methods: {usable})")
+        if self.has_mt and not info.accepts_mt:
+            takers = ", ".join(i.name for i in available() if i.accepts_mt)
+            raise ValueError(f"method {self.method!r} allocates a count per layer and takes no Minimum Threshold;"
+                             f" drop min_threshold_pct / min_weights here (methods with MT: {takers})")
         return self
 
     @property

@@ -69,7 +69,8 @@ def plan_study(study: StudyCfg, base: RunConfig, out: Path) -> StudyPlan:
 
     out = out.resolve()
     storage = str(out / "runs")
-    common = {"checkpoint.storage_path": storage, "checkpoint.resume": True}
+    # The base recipe's `reference:` (the paper's number for one row) does not describe every point.
+    common = {"checkpoint.storage_path": storage, "checkpoint.resume": True, "reference": {}}
     dense_cfg = None
     if study.dense.checkpoint is None:
         name = f"{study.name}-dense"

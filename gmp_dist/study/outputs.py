@@ -18,8 +18,8 @@ def output_writer(plan):
     def write(result, out: Path) -> list[Path]:
         rows = rows_of(result.records)
         title = f"{plan.study.name} study ({plan.base.model.name} on {plan.base.data.name})"
-        notes = [f"{'Stopped early' if result.status != 'FINISHED' else 'Finished'} ({result.status});"
-                 f" {len(result.ran)} point(s) trained in the last invocation, {result.seconds / 60:.1f} min."]
+        notes = [f"Study status {result.status}: {len(result.ran)} point(s) trained in the last invocation,"
+                 f" {result.seconds / 60:.1f} min."]
         paths = [write_csv(rows, out / "results.csv")]
         text = markdown(rows, title, result.dense_top1, plan.study.seeds, notes)
         (out / "results.md").write_text(text)

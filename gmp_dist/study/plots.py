@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 from gmp_dist.study.tables import Row
 
-_NICE_FRACTIONS = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
+_NICE_FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
 _DENSE_STYLE = {"color": "0.45", "linestyle": ":", "linewidth": 1.4}
 _COLLAPSE_RING = {"s": 150, "facecolors": "none", "edgecolors": "#d62728", "linewidths": 1.6, "zorder": 5}
 
@@ -96,7 +96,10 @@ def plot_layers(rows: Sequence[Row], path: Path, title: str) -> Path:
     colour = colours(list(dict.fromkeys(r.label for r in rows)))
     layers = chosen[0].finished[0].layers
     count, width = len(layers), 0.8 / len(chosen)
-    floor = 0.5 / max(la["weights"] for la in layers)  # where a collapsed (0 kept) layer is marked on the log axis
+    fractions = [la["kept"] / la["weights"] for row in chosen for la in row.finished[0].layers]
+    smallest = min([f for f in fractions if f > 0] or [1.0])
+    # The axis floor: under the smallest kept fraction, lower still when a collapsed (0 kept) layer is marked.
+    floor = min(smallest / 3, 0.5 / max(la["weights"] for la in layers)) if 0 in fractions else smallest / 3
     for i, row in enumerate(chosen):
         kept = [la["kept"] / la["weights"] for la in row.finished[0].layers]
         if count <= 12:

@@ -27,8 +27,16 @@ from gmp_dist.commands.sweep import Outcome, Point, run_point, start_parent_run,
 from gmp_dist.errors import UserError
 from gmp_dist.reporting.collect import TAG_SWEEP
 from gmp_dist.study.grid import StudyPlan, StudyPoint, fingerprint
-from gmp_dist.study.records import (FAILED, INFEASIBLE, ModelMeter, PointRecord, finished_record, load_record,
-                                    save_record, unfinished_record)
+from gmp_dist.study.records import (
+    FAILED,
+    INFEASIBLE,
+    ModelMeter,
+    PointRecord,
+    finished_record,
+    load_record,
+    save_record,
+    unfinished_record,
+)
 
 log = logging.getLogger(__name__)
 
