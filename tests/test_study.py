@@ -141,7 +141,7 @@ def test_small_study_rows_plots_and_runs(tmp_path, digits_dir):
     table = (tmp_path / "out" / "results.md").read_text()
     assert table.count("\n| ") == 1 + 4 and "GMP+MT" in table and "infeasible" in table
     artifacts = {f.path for f in client.list_artifacts(parent.info.run_id)}
-    assert OUTPUTS <= artifacts
+    assert OUTPUTS | {"study.yaml", "config.yaml"} <= artifacts
 
 
 def test_interrupted_study_resumes_without_rerunning_finished_points(tmp_path, digits_dir):
@@ -153,8 +153,10 @@ def test_interrupted_study_resumes_without_rerunning_finished_points(tmp_path, d
     assert len(done_first) == 2
     before = {p: (points / p).read_text() for p in done_first}
     rows = _rows(tmp_path)
-    assert [r["run_id"] for r in rows[2:]] == ["not run yet", "not run yet"]
-    first_ids = [r["run_id"] for r in rows[:2]]
+    # Highest sparsity first, every method at it: the two 95% points ran, the two 90% points did not.
+    assert [r["run_id"] == "not run yet" for r in rows] == [True, False, True, False]
+    first_ids = {(r["mt"], r["sparsity"]): r["run_id"] for r in rows if r["run_id"] != "not run yet"}
+    assert set(first_ids) == {("0", "0.95"), (str(MT_02), "0.95")}
     client, parent, children = _parent_and_children(tmp_path, "resume")
     assert parent.info.status == "KILLED" and len(children) == 3  # dense + 2 points
     started = {c.info.run_id: c.info.start_time for c in children}
@@ -163,7 +165,7 @@ def test_interrupted_study_resumes_without_rerunning_finished_points(tmp_path, d
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     assert "sweep point resume-dense" not in second.stderr  # the dense model was not retrained
     rows = _rows(tmp_path)
-    assert [r["run_id"] for r in rows[:2]] == first_ids  # the finished points' child runs are reused
+    assert {k: r["run_id"] for r in rows if (k := (r["mt"], r["sparsity"])) in first_ids} == first_ids  # reused
     assert all(len(r["run_id"]) == 32 for r in rows)
     assert {p: (points / p).read_text() for p in done_first} == before  # and were not rerun
     client, parent_again, children = _parent_and_children(tmp_path, "resume")

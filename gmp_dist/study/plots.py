@@ -113,7 +113,7 @@ def plot_layers(rows: Sequence[Row], path: Path, title: str) -> Path:
         zeros = [o for o, k in zip(offsets, kept) if k == 0]
         if zeros:
             ax.scatter(zeros, [floor * 1.5] * len(zeros), marker="v", color="#d62728", s=40, zorder=4)
-    ax.axhline(1 - sparsity, color="0.45", linestyle=":", linewidth=1.2, label=f"uniform ({100 * (1 - sparsity):g}%)")
+    ax.axhline(1 - sparsity, color="0.45", linestyle=":", linewidth=1.2, label=f"1 − sparsity ({100 * (1 - sparsity):g}%)")
     ax.set_yscale("log")
     ax.set_ylim(bottom=floor)
     ax.set_ylabel("kept fraction of the layer's weights (log)")
@@ -125,8 +125,8 @@ def plot_layers(rows: Sequence[Row], path: Path, title: str) -> Path:
     ax.grid(axis="y", alpha=0.3, which="major")
     missing = sorted({r.label for r in rows} - {r.label for r in chosen})
     note = f"; not shown (no finished point here): {', '.join(missing)}" if missing else ""
-    ax.set_title(f"{title}: kept weights per layer at {100 * sparsity:g}% sparsity{note}\n"
-                 "red ▼ = layer collapsed (no weight left)", fontsize=10)
+    collapsed = "\nred ▼ = layer collapsed (no weight left)" if 0 in fractions else ""
+    ax.set_title(f"{title}: kept weights per layer at {100 * sparsity:g}% sparsity{note}{collapsed}", fontsize=10)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     return _save(fig, path)

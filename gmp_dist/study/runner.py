@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
+import yaml
+
 from gmp_dist.commands.sweep import Outcome, Point, run_point, start_parent_run, tag_children
 from gmp_dist.errors import UserError
 from gmp_dist.reporting.collect import TAG_SWEEP
@@ -89,7 +91,7 @@ def run_study(plan: StudyPlan, write_outputs) -> StudyResult:
         with sigterm_as_interrupt():
             result.dense_top1 = _ensure_dense(plan, parent, outcomes)
             meter = ModelMeter(plan.base)
-            for point in plan.runnable:
+            for point in execution_order(plan):
                 if _finished(plan.out, point) is not None:
                     continue
                 if plan.study.stop_after_points is not None and len(result.ran) >= plan.study.stop_after_points:
@@ -111,6 +113,13 @@ def run_study(plan: StudyPlan, write_outputs) -> StudyResult:
         if uri is not None and parent is not None:
             _close_parent(uri, plan, parent, outcomes, paths, result.status)
     return result
+
+
+def execution_order(plan: StudyPlan) -> list[StudyPoint]:
+    """Highest sparsity first, every method at it before the next: the methods differ most there, and an
+    interrupted study then still holds complete side-by-side columns."""
+    index = {id(p): i for i, p in enumerate(plan.points)}
+    return sorted(plan.runnable, key=lambda p: (-p.sparsity, p.seed, index[id(p)]))
 
 
 def collect_records(plan: StudyPlan, outcomes: list[Outcome]) -> list[PointRecord]:
@@ -246,6 +255,7 @@ def _close_parent(uri: str, plan: StudyPlan, parent: str, outcomes: list[Outcome
         tracker = MlflowTracker(uri, parent)
         for path in paths:
             tracker.log_artifact(str(path))
+        tracker.log_text(yaml.safe_dump({"study": plan.study.model_dump(mode="json")}, sort_keys=False), "study.yaml")
     except Exception as exc:  # bookkeeping: the files are on disk either way
         log.warning("could not log the study's outputs to the parent run: %s", exc)
     end_run(uri, parent, status)

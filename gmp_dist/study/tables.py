@@ -85,7 +85,8 @@ def markdown(rows: Sequence[Row], title: str, dense_top1: Optional[float], seeds
     body = [[row.label, f"{100 * row.sparsity:g}%", row.mt or "—", _cell(row, "oneshot_top1", spread),
              _cell(row, "finetuned_top1", spread), _pct(row.mean("flops_pruned")),
              "—" if row.mean("kept_weights") is None else f"{round(row.mean('kept_weights')):,}",
-             ", ".join(row.collapsed) or "—", row.outcome.replace(";", " ")] for row in rows]
+             ", ".join(row.collapsed) or "—", " ".join(r.run_id or "" for r in row.finished) or row.outcome]
+            for row in rows]
     dense = "—" if dense_top1 is None else f"{dense_top1:.2f}%"
     lines = [f"# {title}", "", f"Dense model top-1: {dense}. Seeds: {', '.join(map(str, seeds))}"
              + (" (top-1: mean, then the range over the seeds)" if spread else "") + ".", "",
