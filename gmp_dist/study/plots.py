@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 from gmp_dist.study.tables import Row
 
-_NICE_FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
+_NICE_FRACTIONS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
 _DENSE_STYLE = {"color": "0.45", "linestyle": ":", "linewidth": 1.4}
 _COLLAPSE_RING = {"s": 150, "facecolors": "none", "edgecolors": "#d62728", "linewidths": 1.6, "zorder": 5}
 
