@@ -251,6 +251,8 @@ def _close_parent(uri: str, plan: StudyPlan, parent: str, outcomes: list[Outcome
     from gmp_dist.tracking import MlflowTracker, end_run
 
     tag_children(uri, plan.base.experiment, parent, outcomes)
+    if status != "FINISHED":
+        _kill_running_children(uri, plan.base.experiment, parent)
     try:
         tracker = MlflowTracker(uri, parent)
         for path in paths:
@@ -259,3 +261,20 @@ def _close_parent(uri: str, plan: StudyPlan, parent: str, outcomes: list[Outcome
     except Exception as exc:  # bookkeeping: the files are on disk either way
         log.warning("could not log the study's outputs to the parent run: %s", exc)
     end_run(uri, parent, status)
+
+
+def _kill_running_children(uri: str, experiment: str, parent: str) -> None:
+    """An interrupt can land between a child's creation and its own try/finally: never leave one RUNNING."""
+    from gmp_dist.reporting.collect import TAG_PARENT, search_all
+    from gmp_dist.tracking import end_run
+    from gmp_dist.tracking.runs import client
+
+    try:
+        mlflow_client = client(uri)
+        experiment_id = mlflow_client.get_experiment_by_name(experiment).experiment_id
+        running = search_all(mlflow_client, [experiment_id],
+                             f"tags.`{TAG_PARENT}` = '{parent}' and attributes.status = 'RUNNING'")
+        for run in running:
+            end_run(uri, run.info.run_id, "KILLED")
+    except Exception as exc:  # bookkeeping on the way out
+        log.warning("could not mark the study's unfinished child runs KILLED: %s", exc)
