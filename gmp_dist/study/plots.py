@@ -11,6 +11,7 @@ Matplotlib's object API on an Agg canvas: no pyplot state, no display.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -153,7 +154,9 @@ def _remaining_axis(ax, xs: Sequence[float], xlabel: str) -> None:
     """Log scale of the remaining fraction, reversed, ticks labelled as the fraction removed."""
     from matplotlib.ticker import NullFormatter
 
-    ax.set_xscale("log")
+    with warnings.catch_warnings():  # a single point gives equal autoscaled limits until set_xlim below
+        warnings.simplefilter("ignore", UserWarning)
+        ax.set_xscale("log")
     if xs:
         low, high = min(xs), max(xs)
         ax.set_xlim(high * 1.25, low / 1.25)
