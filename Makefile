@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 APT_PKGS := pkg-config libopencv-dev libturbojpeg0-dev g++
 
-.PHONY: install demo test test-fast bench gpu-check clean system-deps ffcv
+.PHONY: install demo study test test-fast bench gpu-check clean system-deps ffcv
 
 install: $(STAMP)
 
@@ -37,6 +37,12 @@ ffcv:
 
 demo: install
 	$(VENV)/bin/gmp-dist demo
+
+# The paper's comparison on the bundled digits (README "What the study shows"); rerun to resume.
+STUDY ?= configs/study/digits.yaml
+STUDY_OUT ?= study-out/$(basename $(notdir $(STUDY)))
+study: install
+	$(VENV)/bin/gmp-dist study $(STUDY) --out $(STUDY_OUT)
 
 # ruff first: a lint finding fails fast, before minutes of tests.
 test: install

@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "export": "Write a compact sparse model (kept values + 1-bit masks).",
     "eval": "Evaluate a checkpoint or a sparse export on a config's validation data.",
     "sweep": "Run one training per grid point under one MLflow parent run.",
+    "study": "The paper's comparison: methods x sparsities, one-shot and fine-tuned, as a table and plots.",
     "demo": "The quickstart: dense digits CNN, one-shot Global MP at 90% with MT, 2 Ray workers.",
 }
 
