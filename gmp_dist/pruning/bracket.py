@@ -120,29 +120,32 @@ def _flags(size: int) -> np.ndarray:
 
 
 def scan_ranges(values: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, np.ndarray]]:
-    """Per ``(lo, hi)`` range: (count of |w| bit patterns > hi, the int32 patterns in [lo, hi]), in one pass."""
+    """Per ``(lo, hi)`` range: (count of |w| bit patterns > hi, the int32 patterns in [lo, hi]), in one pass.
 
-    def lane_work(chunks: Iterator[torch.Tensor]) -> tuple[list[int], list[list[np.ndarray]]]:
-        above, found, top = [0] * len(ranges), [[] for _ in ranges], 0
+    The pass selects once, over the hull of the ranges, and splits the (few) selected patterns afterwards:
+    a second range read on its own cost four more element-wise passes per chunk, more than the hull's
+    extra candidates do when the ranges lie close (a layer's MT range below the bracket: design.md §3.4).
+    """
+    lo_all, hi_all = min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
+
+    def lane_work(chunks: Iterator[torch.Tensor]) -> tuple[int, list[np.ndarray]]:
+        above, found, top = 0, [], 0
         for bits in chunks:  # the lane's scratch: rewritten per chunk, so it may be modified in place
             if bits.is_cpu:
                 arr = bits.numpy()
                 top = max(top, int(arr.max()))
                 flags = _flags(arr.size)
-                for i, (_, hi) in enumerate(ranges):
-                    above[i] += int(np.count_nonzero(np.greater(arr, hi, out=flags)))
-                shift = 0
-                for i, (lo, hi) in enumerate(ranges):
-                    # In [lo, hi] iff 0 <= bits - lo <= hi - lo: one unsigned compare. Shifting by the
-                    # difference of offsets may wrap in int32 but ends exactly at bits - lo.
-                    np.subtract(arr, np.int32(lo - shift), out=arr)
-                    shift = lo
-                    found[i].append(arr[np.less_equal(arr.view(np.uint32), hi - lo, out=flags)] + np.int32(lo))
+                above += int(np.count_nonzero(np.greater(arr, hi_all, out=flags)))
+                # In [lo, hi] iff 0 <= bits - lo <= hi - lo: one unsigned compare (no int32 overflow:
+                # both are non-negative). The index list, not a boolean mask, picks the candidates: numpy's
+                # nonzero scans a sparse mask faster than boolean indexing does.
+                np.subtract(arr, np.int32(lo_all), out=arr)
+                picked = arr.take(np.flatnonzero(np.less_equal(arr.view(np.uint32), hi_all - lo_all, out=flags)))
+                found.append(np.add(picked, np.int32(lo_all), out=picked))
             else:
                 top = max(top, int(bits.max()))
-                for i, (lo, hi) in enumerate(ranges):
-                    above[i] += int((bits > hi).sum())
-                    found[i].append(bits[(bits >= lo) & (bits <= hi)].cpu().numpy())
+                above += int((bits > hi_all).sum())
+                found.append(bits[(bits >= lo_all) & (bits <= hi_all)].cpu().numpy())
         if top >= INF_BITS:
             raise ValueError("weights contain NaN or Inf; refusing to rank them by magnitude")
         return above, found
@@ -150,12 +153,12 @@ def scan_ranges(values: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> list
     if not values.numel():
         return [(0, np.empty(0, dtype=np.int32)) for _ in ranges]
     lanes = radix._scan(values, lane_work)
-    out = []
-    for i in range(len(ranges)):
-        parts = [piece for _, found in lanes for piece in found[i]]
-        out.append((sum(above[i] for above, _ in lanes),
-                    np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)))
-    return out
+    above = sum(count for count, _ in lanes)
+    parts = [piece for _, found in lanes for piece in found]
+    hull = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if len(ranges) == 1:
+        return [(above, hull)]
+    return [(above + int(np.count_nonzero(hull > hi)), hull[(hull >= lo) & (hull <= hi)]) for lo, hi in ranges]
 
 
 def layer_cut_range(sorted_bits: np.ndarray, size: int, keep: int) -> tuple[int, int]:
@@ -183,18 +186,17 @@ class _LayerResult(NamedTuple):
     ties_protected: int
 
 
-def _layer_in_bracket(values: torch.Tensor, keep: int, lo: int, hi: int, mt_range: tuple[int, int] | None,
+def _layer_in_bracket(values: torch.Tensor, keep: int, lo: int, hi: int, reach: int,
                       top_cut: Callable[[torch.Tensor, int], tuple[int, int]]) -> _LayerResult:
-    """One layer's pass (the bracket, plus ``mt_range`` around its MT cut when that may lie below the
-    bracket) and its exact MT cut, from candidates only unless the sample misled about this layer."""
-    scanned = scan_ranges(values, [(lo, hi)] if mt_range is None else [(lo, hi), mt_range])
-    above, cands = scanned[0]
+    """One layer's pass, reading ``[reach, hi]``: the bracket, extended down to the range around the
+    layer's MT cut when that may lie below it; the exact MT cut comes from those candidates alone unless
+    the sample misled about this layer."""
+    above, hull = scan_ranges(values, [(reach, hi)])[0]
+    cands = hull if reach >= lo else hull[hull >= lo]
     if above >= keep:  # protection lies wholly above the bracket (or there is none)
         return _LayerResult(above - keep, cands, hi + 1, 0)
-    if keep - above <= cands.size:  # the MT cut lies inside the bracket
-        cut, ties_protected = _top_of(cands, keep - above)
-    elif len(scanned) > 1 and 1 <= keep - scanned[1][0] <= scanned[1][1].size:  # inside the layer's own range
-        cut, ties_protected = _top_of(scanned[1][1], keep - scanned[1][0])
+    if keep - above <= hull.size:  # the MT cut lies inside what was read
+        cut, ties_protected = _top_of(hull, keep - above)
     else:  # the sample misled about this layer: its cut exactly, with two more passes over it
         cut, ties_protected = top_cut(values, keep)
     left_at_cut = int(np.count_nonzero(cands == cut)) - ties_protected if lo <= cut <= hi else 0
@@ -217,12 +219,10 @@ def decide_in_bracket(local: Mapping[int, Sequence], sizes: Sequence[int], mins:
     lo, hi = bracket(KeptEstimate(samples, sizes, mins), budget)
 
     def one_layer(layer: int) -> _LayerResult:
-        mt_range = None
+        reach = lo
         if mins[layer]:  # a cut that may lie below the bracket is read in the same pass
-            mt_lo, mt_hi = layer_cut_range(samples[layer], sizes[layer], mins[layer])
-            if mt_lo < lo:
-                mt_range = (mt_lo, min(mt_hi, lo - 1))  # [lo, hi] is read anyway
-        return _layer_in_bracket(local[layer][0].values, mins[layer], lo, hi, mt_range, top_cut)
+            reach = min(lo, layer_cut_range(samples[layer], sizes[layer], mins[layer])[0])
+        return _layer_in_bracket(local[layer][0].values, mins[layer], lo, hi, reach, top_cut)
 
     results = dict(zip(open_layers, radix.map_layers(one_layer, open_layers, work)))
     per_layer = torch.zeros(3, len(sizes), dtype=torch.int64)
