@@ -83,3 +83,11 @@ def sum_across_ranks(ctx: DistContext, values: Sequence[float]) -> list[float]:
 def barrier(ctx: DistContext) -> None:
     if ctx.active:
         torch_dist.barrier()
+
+
+def broadcast_buffers(ctx: DistContext, module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank — what DDP's forward would sync."""
+    if not ctx.active:
+        return
+    for buffer in module.buffers():
+        torch_dist.broadcast(buffer, src=0)

@@ -9,12 +9,16 @@ Resuming a stopped run = the same ``checkpoint.storage_path`` and ``name`` (Trai
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
+from gmp_dist import signals, storage
 from gmp_dist.config import RunConfig, dump_config
 from gmp_dist.errors import UserError
 
@@ -22,43 +26,115 @@ log = logging.getLogger(__name__)
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 
 
+@contextlib.contextmanager
+def ray_session(cfg: RunConfig) -> Iterator[Callable[[RunConfig, Optional[str], Optional[str]], dict]]:
+    """Join or start Ray and check the cluster can hold the workers (before any MLflow run opens); yields
+    the function that trains. On the way out — also on SIGINT/SIGTERM — a Ray started here is shut down,
+    and a joined cluster is left, so it stops the run's controller and workers with this driver."""
+    import ray
+
+    started_here = _connect(ray, cfg)
+    signals.rearm()  # ray.init installs a SIGTERM handler of its own
+    interrupted = False
+    try:
+        wait_for_resources(ray, cfg, autoscaling_possible=not started_here)
+        yield run_with_ray
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        if started_here or interrupted:
+            ray.shutdown()
+        _remove_scratch(cfg)
+
+
 def run_with_ray(cfg: RunConfig, tracking_uri: Optional[str], run_id: Optional[str]) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    started_here = _connect(ray, cfg)
-    try:
-        scaling = cfg.scaling
-        resources = {"CPU": scaling.cpus_per_worker}
-        if scaling.use_gpu:
-            resources["GPU"] = scaling.gpus_per_worker
-        trainer = TorchTrainer(
-            _train_loop_per_worker,
-            train_loop_config={"config_yaml": dump_config(cfg), "tracking_uri": tracking_uri, "run_id": run_id,
-                               "cwd": os.getcwd()},
-            scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                         resources_per_worker=resources),
-            run_config=RayRunConfig(
-                name=cfg.name, storage_path=_storage_path(cfg.checkpoint.storage_path),
-                failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
-        )
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
-        metrics = dict(result.metrics or {})
-        if result.checkpoint is not None:
-            metrics["checkpoint_path"] = result.checkpoint.path
-        return metrics
-    finally:
-        if started_here:
-            ray.shutdown()
+    if not ray.is_initialized():  # called directly, not through ray_session
+        with ray_session(cfg) as run:
+            return run(cfg, tracking_uri, run_id)
+    scaling = cfg.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    storage_path, storage_filesystem = storage.ray_storage(cfg.checkpoint.storage_path)
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={"config_yaml": dump_config(cfg), "tracking_uri": tracking_uri, "run_id": run_id,
+                           "cwd": os.getcwd(), "scratch_prefix": _scratch_prefix(cfg)},
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RayRunConfig(
+            name=cfg.name or "run", storage_path=storage_path, storage_filesystem=storage_filesystem,
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return dict(result.metrics or {})
 
 
-def _storage_path(path: str) -> str:
-    # Ray wants an absolute local path or a URI (s3://, gs://, ...).
-    return path if "://" in path else str(Path(path).resolve())
+def wait_for_resources(ray, cfg: RunConfig, *, autoscaling_possible: bool) -> None:
+    """Exit 2 at once when the cluster cannot place the workers and nothing can add nodes; on a joined
+    cluster (an autoscaler may add nodes) wait up to ``scaling.resource_wait_s`` with a visible message."""
+    need = _per_worker_request(cfg)
+    deadline = time.monotonic() + cfg.scaling.resource_wait_s
+    next_message = 0.0
+    while True:
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if _workers_that_fit(nodes, need) >= cfg.scaling.num_workers:
+            return
+        have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        problem = (f"{cfg.scaling.num_workers} workers x {need} (scaling.num_workers, scaling.cpus_per_worker"
+                   f"{', scaling.use_gpu=true, scaling.gpus_per_worker' if 'GPU' in need else ''}) do not fit"
+                   f" on the Ray cluster, which has {have or 'no CPU/GPU'} in {len(nodes)} node(s)")
+        fix = ("set scaling.use_gpu=false, or lower scaling.gpus_per_worker / scaling.num_workers, or run on a"
+               " cluster with GPUs" if "GPU" in need and have.get("GPU", 0) < need["GPU"] * cfg.scaling.num_workers
+               else "lower scaling.num_workers / scaling.cpus_per_worker, or add nodes")
+        now = time.monotonic()
+        if not autoscaling_possible or now >= deadline:
+            waited = "" if not autoscaling_possible else f" after waiting {cfg.scaling.resource_wait_s:.0f} s" \
+                " (scaling.resource_wait_s)"
+            raise UserError(f"{problem}{waited}: {fix}")
+        if now >= next_message:
+            log.warning("%s; waiting up to %.0f s more for an autoscaler to add nodes (scaling.resource_wait_s)",
+                        problem, deadline - now)
+            next_message = now + 30
+        time.sleep(2)
+
+
+def _per_worker_request(cfg: RunConfig) -> dict[str, float]:
+    need = {"CPU": float(cfg.scaling.cpus_per_worker)}
+    if cfg.scaling.use_gpu:
+        need["GPU"] = float(cfg.scaling.gpus_per_worker)
+    return need
+
+
+def _workers_that_fit(nodes: list[dict], need: dict[str, float]) -> int:
+    """Workers the nodes can hold together (a worker never spans nodes)."""
+    asked = {k: v for k, v in need.items() if v > 0}
+    if not asked:
+        return 1 << 30
+    return sum(int(min(node.get(k, 0.0) / v for k, v in asked.items())) for node in nodes)
+
+
+def _scratch_prefix(cfg: RunConfig) -> str:
+    # Per run (name) and driver, so the driver can sweep up what a killed worker on this machine left.
+    return f"gmp-ckpt-{_safe_name(cfg.name or 'run')}-{os.getpid()}-"
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:40]
+
+
+def _remove_scratch(cfg: RunConfig) -> None:
+    """Workers remove their scratch folders; this catches those of workers killed on this machine."""
+    for leftover in Path(tempfile.gettempdir()).glob(_scratch_prefix(cfg) + "*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _connect(ray, cfg: RunConfig) -> bool:
@@ -104,23 +180,37 @@ def _train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     if not cfg.scaling.use_gpu:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    resume_from = None
     restored = ray.train.get_checkpoint()
-    scratch = Path(tempfile.mkdtemp(prefix=f"gmp-ckpt-rank{rank}-"))
-    if restored is not None:
-        local = Path(restored.to_directory(str(scratch / "restored")))
-        resume_from = next(iter(sorted(local.rglob("checkpoint.pt"))), None)
-    env = WorkerEnv(ctx=DistContext(rank, world_size, context.get_local_rank(), device),
-                    tracker=make_tracker(loop_config["tracking_uri"], loop_config["run_id"], rank),
-                    reporter=_RayReporter(), resume_from=resume_from, scratch_dir=scratch,
-                    run_id=loop_config["run_id"])
-    train(cfg, env)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{loop_config['scratch_prefix']}rank{rank}-"))
+    try:
+        resume_from = None
+        if restored is not None:
+            # Each rank downloads the checkpoint once; the copy goes as soon as the state is restored.
+            local = Path(restored.to_directory(str(scratch / "restored")))
+            newest = storage.newest_checkpoint(storage.locate(local))
+            resume_from = Path(newest.path) if newest else None
+        env = WorkerEnv(ctx=DistContext(rank, world_size, context.get_local_rank(), device),
+                        tracker=make_tracker(loop_config["tracking_uri"], loop_config["run_id"], rank),
+                        reporter=_RayReporter(), resume_from=resume_from, scratch_dir=scratch / "report",
+                        run_id=loop_config["run_id"],
+                        after_restore=lambda: shutil.rmtree(scratch / "restored", ignore_errors=True))
+        train(cfg, env)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 class _RayReporter:
+    """Reports the folder ``epoch_NNNN/checkpoint.pt`` sits in, then deletes it: Ray has persisted it to
+    storage when ``report`` returns, so a rank never holds more than one local checkpoint."""
+
     def report(self, metrics: dict, checkpoint_file: Optional[Path]) -> None:
         import ray.train
 
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_file.parent)) if checkpoint_file else None
+        folder = checkpoint_file.parent.parent if checkpoint_file else None
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder else None
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        ray.train.report(numeric, checkpoint=checkpoint)
+        try:
+            ray.train.report(numeric, checkpoint=checkpoint)
+        finally:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)

@@ -1,7 +1,8 @@
 """`gmp-dist eval SOURCE --config CONFIG`: evaluate a model file on the config's validation data.
 
 SOURCE is a gmp-dist training checkpoint (its "model" entry), a plain state_dict (``final.pt``, the
-output of ``gmp-dist prune``) or a sparse export (``gmp-dist export``). One process, no Ray, no MLflow:
+output of ``gmp-dist prune``) or a sparse export (``gmp-dist export``), local or in object storage
+(``s3://…``). One process, no Ray, no MLflow:
 the model of ``model.name`` loads SOURCE strictly, then the engine's exact evaluation runs in float32 over
 every validation sample. Prints top-1/top-5 (percent), mean loss, and the sparsity and FLOPs pruned
 measured from the loaded weights; ``--json PATH`` writes the same numbers unrounded.

@@ -1,6 +1,7 @@
 """`gmp-dist export SOURCE --out PATH`: write a compact sparse model (kept values + 1-bit masks).
 
-SOURCE is a gmp-dist training checkpoint (it carries the pruner's masks), an MLflow run id (its
+SOURCE is a gmp-dist training checkpoint (it carries the pruner's masks; a local path or a storage URI
+such as ``s3://bucket/runs/NAME/.../checkpoint.pt?endpoint_override=...``), an MLflow run id (its
 artifact ``checkpoint/final.pt`` is downloaded from the tracking server), or an MLflow artifact URI
 (``runs:/<run_id>/checkpoint/final.pt``, ``mlflow-artifacts:/...``).
 """
@@ -19,6 +20,7 @@ import torch
 from gmp_dist.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from gmp_dist.errors import UserError
 from gmp_dist.export import export_sparse, is_sparse_export, sparse_stats
+from gmp_dist.storage import is_uri
 from gmp_dist.tracking.artifacts import FINAL_CHECKPOINT_ARTIFACT
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_source(source: str, configured_uri: str | None, tmp: str) -> Path:
+def _local_source(source: str, configured_uri: str | None, tmp: str) -> Path | str:
+    if is_uri(source):
+        return source  # object storage (s3://...): load_checkpoint downloads it
     if Path(source).exists() or not (_RUN_ID.match(source) or source.startswith(_ARTIFACT_URI_SCHEMES)):
         return Path(source)  # load_checkpoint names a missing file clearly
     from mlflow.artifacts import download_artifacts

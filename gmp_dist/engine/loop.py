@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class WorkerEnv:
     resume_from: Optional[Path] = None  # a checkpoint file to continue from
     scratch_dir: Path = Path(".")  # where rank 0 writes a checkpoint before reporting it
     run_id: Optional[str] = None
+    after_restore: Optional[Callable[[], None]] = None  # e.g. delete a downloaded copy of resume_from
 
 
 @dataclass
@@ -80,6 +82,33 @@ def configure_worker_logging(rank: int) -> None:
 
 
 def train(cfg: RunConfig, env: WorkerEnv) -> dict:
+    with determinism(cfg.train.deterministic):
+        return _train(cfg, env)
+
+
+@contextlib.contextmanager
+def determinism(enabled: bool):
+    """``train.deterministic``: PyTorch's deterministic kernels and fixed cuDNN algorithms for the block.
+
+    Ops without a deterministic kernel (some CUDA backward passes) warn instead of failing the run; the
+    previous settings return afterwards, so an in-process run leaves the interpreter as it found it.
+    """
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read by cuBLAS at its first use
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+
+
+def _train(cfg: RunConfig, env: WorkerEnv) -> dict:
     ctx = env.ctx
     torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
     spec = get_spec(cfg.model.name)
@@ -102,6 +131,8 @@ def train(cfg: RunConfig, env: WorkerEnv) -> dict:
     state = RunState()
     if env.resume_from is not None:
         restore_training_state(env.resume_from, model, optimizer, scheduler, controller, state, ctx)
+        if env.after_restore is not None:
+            env.after_restore()
 
     if state.epoch == 0 and controller.is_event(0, "epoch"):  # one-shot (or the first gradual) event
         report = controller.prune(0, optimizer)
