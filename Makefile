@@ -38,10 +38,13 @@ ffcv:
 demo: install
 	$(VENV)/bin/gmp-dist demo
 
+# ruff first: a lint finding fails fast, before minutes of tests.
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -ra
 
 test-fast: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -ra -m "not slow and not recipes"
 
 bench: install

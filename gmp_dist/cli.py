@@ -18,7 +18,7 @@ from gmp_dist.errors import UserError
 # Subcommand name -> module in gmp_dist.commands. Each module has add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS = {
     "train": "Fine-tune (or pre-train) a model from a YAML config on Ray Train workers.",
-    "prune": "Prune a checkpoint offline with Global MP (+ Minimum Threshold) and write a report.",
+    "prune": "Prune a checkpoint offline (Global MP + Minimum Threshold, or --method) and write a report.",
     "data": "Convert a data set (imagenet, cifar10, har2, digits) into training files.",
     "report": "Plots and a markdown table comparing the runs of an MLflow experiment.",
     "export": "Write a compact sparse model (kept values + 1-bit masks).",

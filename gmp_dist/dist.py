@@ -91,3 +91,15 @@ def broadcast_buffers(ctx: DistContext, module: torch.nn.Module) -> None:
         return
     for buffer in module.buffers():
         torch_dist.broadcast(buffer, src=0)
+
+
+def init_local_group(rank: int, world_size: int, port: int, backend: str = "gloo") -> None:
+    """Join a group of ``world_size`` processes on this machine (the no-Ray runner and its tests); NCCL when
+    each process drives its own CUDA device."""
+    torch_dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+
+
+def destroy_group() -> None:
+    """Leave the default process group if this process is in one."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

@@ -1,16 +1,13 @@
-"""Error types that map to the CLI's exit codes (design.md §1)."""
+"""Error types that map to the CLI's exit codes (design.md §1).
 
+``UserError`` and ``InfeasibleError`` are defined in ``gmp_dist.pruning.errors`` so the pure pruning
+core can raise them without importing anything outside itself; this is where everything else gets them.
+"""
 
-class UserError(ValueError):
-    """Bad input from the user: config, arguments, data or checkpoint. The CLI exits 2.
+from gmp_dist.pruning.errors import InfeasibleError, UserError
 
-    The message must name the offending key/file/value and say what would be valid.
-    """
+__all__ = ["CollapseError", "InfeasibleError", "UserError"]
 
 
 class CollapseError(UserError):
     """A pruning decision would collapse a layer and the config does not allow it."""
-
-
-class InfeasibleError(UserError):
-    """The requested sparsity cannot be reached with the requested Minimum Threshold."""

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
-import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from gmp_dist import storage
 from gmp_dist.config import RunConfig, dump_config, validate_config
-from gmp_dist.dist import DistContext
+from gmp_dist.dist import DistContext, destroy_group, init_local_group
 from gmp_dist.engine.loop import WorkerEnv, configure_worker_logging, train
 from gmp_dist.engine.state import CHECKPOINT_NAME
 from gmp_dist.errors import UserError
@@ -129,8 +128,7 @@ def _worker(rank, world_size, port, config_yaml, tracking_uri, run_id) -> dict:
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     if world_size > 1:
-        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                      init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        init_local_group(rank, world_size, port, "nccl" if device.type == "cuda" else "gloo")
     if world_size > 1 and device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     try:
@@ -147,8 +145,8 @@ def _worker(rank, world_size, port, config_yaml, tracking_uri, run_id) -> dict:
                             scratch_dir=scratch, run_id=run_id, after_restore=download.close)
             return train(cfg, env)
     finally:
-        if world_size > 1 and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+        if world_size > 1:
+            destroy_group()
 
 
 def _free_port() -> int:

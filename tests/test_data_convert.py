@@ -25,8 +25,7 @@ from gmp_dist.data.formats import ffcv_available
 try:
     from test_data_helpers import CORRUPT_FILES, IMAGE_CLASSES, make_cifar_batches, make_imagefolder, make_uci_har
 except ImportError:  # tests/ is a package
-    from tests.test_data_helpers import (CORRUPT_FILES, IMAGE_CLASSES, make_cifar_batches, make_imagefolder,
-                                         make_uci_har)
+    from tests.test_data_helpers import CORRUPT_FILES, IMAGE_CLASSES, make_cifar_batches, make_imagefolder, make_uci_har
 
 REPO = Path(__file__).resolve().parent.parent
 

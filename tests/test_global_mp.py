@@ -10,6 +10,7 @@ import torch.nn.utils.prune as torch_prune
 from gmp_dist.errors import InfeasibleError
 from gmp_dist.pruning.global_mp import Shard, decide, kept_budget
 from gmp_dist.pruning.masks import global_magnitude_masks, shard_masks
+
 from pruning_oracle import ThreadWorld, brute_force_masks
 
 

@@ -30,11 +30,27 @@ from gmp_dist.pruning.masks import resolve_min_weights
 from gmp_dist.pruning.structured import column_masks, kept_columns
 
 try:
-    from recipe_data import (cifar_data, dense_start, epoch_checkpoints, final_state, har_data, imagenet_data,
-                             prunable_names, smoke_config)
+    from recipe_data import (
+        cifar_data,
+        dense_start,
+        epoch_checkpoints,
+        final_state,
+        har_data,
+        imagenet_data,
+        prunable_names,
+        smoke_config,
+    )
 except ImportError:  # tests/ imported as a package
-    from tests.recipe_data import (cifar_data, dense_start, epoch_checkpoints, final_state, har_data,
-                                   imagenet_data, prunable_names, smoke_config)
+    from tests.recipe_data import (
+        cifar_data,
+        dense_start,
+        epoch_checkpoints,
+        final_state,
+        har_data,
+        imagenet_data,
+        prunable_names,
+        smoke_config,
+    )
 
 pytestmark = pytest.mark.recipes
 

@@ -11,8 +11,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from conftest import stop_process_group
 import yaml
 
 from gmp_dist import __version__
@@ -28,6 +26,8 @@ from gmp_dist.tracking import (
     write_layer_artifacts,
 )
 from gmp_dist.tracking.runs import MAX_PARAM_VALUE_CHARS, log_params, param_value
+
+from conftest import stop_process_group
 
 REPO = Path(__file__).resolve().parent.parent
 

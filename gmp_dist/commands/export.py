@@ -79,39 +79,23 @@ def _local_source(source: str, configured_uri: str | None, tmp: str) -> Path | s
         return source  # object storage (s3://...): load_checkpoint downloads it
     if Path(source).exists() or not (_RUN_ID.match(source) or source.startswith(_ARTIFACT_URI_SCHEMES)):
         return Path(source)  # load_checkpoint names a missing file clearly
-    from mlflow.artifacts import download_artifacts
-    from mlflow.exceptions import MlflowException
-
     from gmp_dist.tracking import resolve_tracking_uri
+    from gmp_dist.tracking.downloads import ArtifactDownloadError, download_artifact, only_artifact
 
     uri = resolve_tracking_uri(configured_uri)
     artifact_uri = f"runs:/{source}/{FINAL_CHECKPOINT_ARTIFACT}" if _RUN_ID.match(source) else source
     try:
-        return Path(download_artifacts(artifact_uri=artifact_uri, dst_path=tmp, tracking_uri=uri))
-    except (MlflowException, OSError) as exc:
-        fallback = _single_checkpoint_artifact(source, uri) if _RUN_ID.match(source) else None
+        return download_artifact(artifact_uri, tmp, uri)
+    except ArtifactDownloadError as exc:
+        folder = FINAL_CHECKPOINT_ARTIFACT.rpartition("/")[0]
+        fallback = only_artifact(source, folder, ".pt", uri) if _RUN_ID.match(source) else None
         if fallback is not None:
             log.info("run %s has no %s; exporting its only checkpoint artifact %s",
                      source, FINAL_CHECKPOINT_ARTIFACT, fallback)
-            return Path(download_artifacts(artifact_uri=f"runs:/{source}/{fallback}", dst_path=tmp, tracking_uri=uri))
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"could not download {artifact_uri} from the MLflow tracking server {uri}: {first} "
+            return download_artifact(f"runs:/{source}/{fallback}", tmp, uri)
+        raise UserError(f"could not download {artifact_uri} from the MLflow tracking server {uri}: {exc} "
                         f"(give a checkpoint path, or a run id of a run that logged {FINAL_CHECKPOINT_ARTIFACT}; "
                         f"set --tracking-uri or MLFLOW_TRACKING_URI to the server that holds it)") from None
-
-
-def _single_checkpoint_artifact(run_id: str, uri: str) -> str | None:
-    """The one ``.pt`` file under the run's ``checkpoint/`` artifacts, if there is exactly one."""
-    from mlflow.exceptions import MlflowException
-
-    from gmp_dist.tracking.runs import client
-
-    folder = FINAL_CHECKPOINT_ARTIFACT.rpartition("/")[0]
-    try:
-        files = [f.path for f in client(uri).list_artifacts(run_id, folder) if not f.is_dir and f.path.endswith(".pt")]
-    except (MlflowException, OSError):
-        return None
-    return files[0] if len(files) == 1 else None
 
 
 def _weights_and_masks(checkpoint: dict, source: str) -> tuple[dict, dict]:

@@ -1,4 +1,6 @@
-"""`gmp-dist prune`: one-shot Global MP (+ MT) of a checkpoint, offline (design.md §1 contract).
+"""`gmp-dist prune`: one-shot pruning of a checkpoint, offline (design.md §1 contract), by any registered
+method (``--method``, default global_mp: Global MP + MT). Data-driven methods (SNIP) read their batches
+from the data set of ``--config``.
 
 Writes ``--out`` as a plain state_dict (pruned weights are exact zeros) and the report beside it
 (``out.pt`` → ``out.json``). Both are written to temporary names first, so a failure leaves neither.
@@ -19,9 +21,8 @@ from gmp_dist.checkpoint import load_checkpoint, load_state_dict_checked, save_c
 from gmp_dist.errors import UserError
 from gmp_dist.models import build_model, get_spec
 from gmp_dist.models.flops import dense_macs
-from gmp_dist.pruning.apply import decide_masks
 from gmp_dist.pruning.masks import resolve_min_weights
-from gmp_dist.pruning.reference_mt import reference_mt_bound
+from gmp_dist.pruning.methods import DataSource, PruneRequest, available, get_method
 from gmp_dist.pruning.report import format_report, pruning_report
 from gmp_dist.pruning.selection import prunable_parameters
 
@@ -29,6 +30,11 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    methods = [info for info in available() if info.prunes]
+    p.add_argument("--method", default="global_mp", choices=[info.name for info in methods],
+                   help="pruning method: " + "; ".join(f"{i.name}: {i.summary}" for i in methods))
+    p.add_argument("--config", metavar="CFG", help="a run config: its data section feeds data-driven methods"
+                                                   " (snip), its prune.<method> section their options")
     p.add_argument("--model", required=True, help="registry name (gmp_dist.models), e.g. resnet50, mobilenet_v1")
     p.add_argument("--checkpoint", help="state_dict saved with torch.save (or a gmp-dist training checkpoint);"
                                         " without it the model's own initialisation, seeded by --seed")
@@ -43,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="fnmatch pattern of prunable tensor names to leave dense (repeatable)")
     p.add_argument("--num-classes", type=int, help="override the model's number of classes")
-    p.add_argument("--seed", type=int, default=0, help="seed for the initialisation when no --checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="seed for the initialisation when no --checkpoint, and for --method random's positions")
     p.add_argument("--out", required=True, help="output state_dict path (.pt); the report goes to the .json beside it")
 
 
@@ -71,21 +77,54 @@ def run(args: argparse.Namespace) -> int:
         load_state_dict_checked(model, load_checkpoint(args.checkpoint), source=args.checkpoint, model_name=args.model)
     named = prunable_parameters(model, args.exclude)
     tensors = [p.detach() for _, p in named]
-    n_total = sum(t.numel() for t in tensors)
-    min_weights = resolve_min_weights(n_total, args.min_weights, args.min_threshold_pct)
-    masks, decision = decide_masks(tensors, args.sparsity, min_weights, args.mt_mode)
+    min_weights = resolve_min_weights(sum(t.numel() for t in tensors), args.min_weights, args.min_threshold_pct)
+    method = get_method(args.method)
+    cfg = _load_config(args.config)
+    options = _options(cfg, args.method)
+    method.check([tuple(t.shape) for t in tensors], [n for n, _ in named], args.sparsity, min_weights, options,
+                 has_data=cfg is not None)
+    data = _data_source(cfg) if method.info.needs_data else None
+    result = method.decide(PruneRequest([n for n, _ in named], tensors, args.sparsity, min_weights, args.mt_mode,
+                                        args.seed, options, model, [p for _, p in named], tuple(spec.input_shape),
+                                        data))
     with torch.no_grad():
-        for (_, param), mask in zip(named, masks):
+        for (_, param), mask in zip(named, result.masks):
             param.mul_(mask)
-    report = pruning_report(
-        args.model, [n for n, _ in named], masks, dense_macs(model, spec.input_shape, args.exclude), min_weights,
-        decision.mt_bound if decision else reference_mt_bound(masks, min_weights),
-        decision.threshold if decision else None)
-    report.update({"target_sparsity": args.sparsity, "mt_mode": args.mt_mode, "checkpoint": args.checkpoint})
+    report = pruning_report(args.model, [n for n, _ in named], result.masks,
+                            dense_macs(model, spec.input_shape, args.exclude), min_weights, result.mt_bound,
+                            result.threshold)
+    report.update({"method": args.method, "target_sparsity": args.sparsity, "mt_mode": args.mt_mode,
+                   "checkpoint": args.checkpoint})
     _write_outputs(model.state_dict(), report, out)
     print(format_report(report))
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
+
+
+def _load_config(path):
+    if path is None:
+        return None
+    from gmp_dist.config import load_config
+
+    return load_config(path)
+
+
+def _options(cfg, method: str) -> dict:
+    if cfg is None:
+        return {}
+    from gmp_dist.engine.events import method_options
+
+    return method_options(cfg.prune.model_copy(update={"method": method}))
+
+
+def _data_source(cfg) -> DataSource:
+    """This process's training batches of the config's data set (converted first if it is digits)."""
+    from gmp_dist.data import build_loaders
+    from gmp_dist.data.loaders import prepare_data
+
+    prepare_data(cfg)
+    loaders = build_loaders(cfg, 0, 1, torch.device("cpu"))
+    return DataSource(lambda: loaders.train, torch.nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing))
 
 
 def _write_outputs(state_dict: dict, report: dict, out: Path) -> None:

@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from gmp_dist.errors import UserError
-from gmp_dist.reporting.collect import (TAG_REPORT, RunRow, collect_rows, find_experiment, has_layer_table,
-                                        layer_report)
+from gmp_dist.reporting.collect import TAG_REPORT, RunRow, collect_rows, find_experiment, has_layer_table, layer_report
 from gmp_dist.reporting.plots import plot_top1_vs_flops, plot_top1_vs_sparsity
 from gmp_dist.reporting.tables import runs_markdown, sort_rows, write_runs_csv
 

@@ -18,7 +18,6 @@ import torch
 from gmp_dist.config import RunConfig, load_config
 from gmp_dist.errors import UserError
 from gmp_dist.models import build_model
-from gmp_dist.pruning.global_mp import kept_budget
 from gmp_dist.pruning.masks import resolve_min_weights
 from gmp_dist.pruning.selection import prunable_parameters
 from gmp_dist.signals import stop_on_signals
@@ -63,19 +62,19 @@ def preflight(cfg: RunConfig) -> None:
                         f" `gmp-dist data {cfg.data.name} --src … --out {folder}`")
     _check_run_folder(cfg)
     prepare_data(cfg)  # converts digits once here rather than in every worker; names missing files
-    sizes = [p.numel() for _, p in prunable_parameters(model, cfg.prune.exclude)]
-    if cfg.prune.method == "global_mp" and sizes:
-        m = resolve_min_weights(sum(sizes), cfg.prune.min_weights, cfg.prune.min_threshold_pct)
-        protected = sum(min(m, n) for n in sizes)
-        if protected > kept_budget(sum(sizes), cfg.prune.sparsity):
-            raise UserError(f"prune.sparsity {cfg.prune.sparsity} is infeasible with {m} weights per layer: the"
-                            f" largest reachable sparsity is {1 - protected / sum(sizes):.6f}")
-    if cfg.prune.method == "structured":
-        names = {n for n, _ in prunable_parameters(model)}
-        unknown = sorted(set(cfg.prune.structured.ranks) - names)
-        if unknown or not cfg.prune.structured.ranks:
-            raise UserError(f"prune.structured.ranks: unknown tensors {unknown} (prunable: {sorted(names)})"
-                            if unknown else "prune.method: structured needs prune.structured.ranks")
+    check_method(cfg, model)
+
+
+def check_method(cfg: RunConfig, model: torch.nn.Module) -> None:
+    """The method's own checks (MT feasibility, per-layer budgets, structured ranks), on the model's shapes."""
+    from gmp_dist.engine.events import method_options
+    from gmp_dist.pruning.methods import get_method
+
+    named = prunable_parameters(model, cfg.prune.exclude)
+    sizes = [p.numel() for _, p in named]
+    m = resolve_min_weights(sum(sizes), cfg.prune.min_weights, cfg.prune.min_threshold_pct)
+    get_method(cfg.prune.method).check([tuple(p.shape) for _, p in named], [n for n, _ in named],
+                                       cfg.prune.sparsity, m, method_options(cfg.prune), has_data=True)
 
 
 def _check_run_folder(cfg: RunConfig) -> None:

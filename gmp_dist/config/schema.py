@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -70,8 +70,22 @@ class StructuredCfg(Section):
     ranks: dict[str, int] = Field(default_factory=dict)
 
 
+class SnipCfg(Section):
+    """SNIP (prune.method: snip): how many training batches the |w·∂L/∂w| saliency is summed over."""
+
+    batches: int = Field(default=1, ge=1)
+
+
+class SynflowCfg(Section):
+    """SynFlow (prune.method: synflow): pruning rounds on the exponential sparsity schedule."""
+
+    iterations: int = Field(default=100, ge=1)
+
+
 class PruneCfg(Section):
-    method: Literal["none", "global_mp", "structured"] = "global_mp"
+    # One of gmp_dist.pruning.methods.available(): global_mp, uniform, uniform_plus, erk, lamp, random,
+    # snip, synflow, structured, none (README "Pruning methods").
+    method: str = "global_mp"
     schedule: Literal["oneshot", "gradual"] = "oneshot"
     sparsity: Float = Field(default=0.9, ge=0.0, lt=1.0)
     min_weights: Optional[int] = Field(default=None, ge=0)
@@ -81,6 +95,16 @@ class PruneCfg(Section):
     allow_collapse: bool = False
     gradual: GradualCfg = Field(default_factory=GradualCfg)
     structured: StructuredCfg = Field(default_factory=StructuredCfg)
+    snip: SnipCfg = Field(default_factory=SnipCfg)
+    synflow: SynflowCfg = Field(default_factory=SynflowCfg)
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from gmp_dist.pruning.methods import get_method
+
+        get_method(name)  # a UserError (a ValueError) naming the valid methods, with a did-you-mean hint
+        return name
 
     @model_validator(mode="after")
     def _one_mt(self) -> "PruneCfg":

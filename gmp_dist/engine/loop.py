@@ -29,6 +29,7 @@ from gmp_dist.engine.state import restore_training_state, write_training_checkpo
 from gmp_dist.models import build_model, get_spec
 from gmp_dist.models.flops import dense_macs
 from gmp_dist.models.pretrained import load_pretrained
+from gmp_dist.pruning.methods import DataSource
 from gmp_dist.tracking import NullTracker, Tracker, log_layer_artifacts
 
 log = logging.getLogger(__name__)
@@ -119,14 +120,16 @@ def _train(cfg: RunConfig, env: WorkerEnv) -> dict:
     model.to(ctx.device)
     if _channels_last(cfg, ctx):
         model.to(memory_format=torch.channels_last)
-    controller = PruningController(cfg.prune, model, cfg.model.name, ctx, macs)
     loaders = build_loaders(cfg, ctx.rank, ctx.world_size, ctx.device)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    # Data-driven methods (SNIP) score on this rank's training batches, through the unwrapped model.
+    controller = PruningController(cfg.prune, model, cfg.model.name, ctx, macs, spec.input_shape,
+                                   DataSource(lambda: loaders.train, loss_fn), cfg.train.seed)
     net = _wrap_ddp(model, ctx)
     if cfg.train.compile:
         net = torch.compile(net)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     autocast = _autocast_factory(cfg, ctx)
     state = RunState()
     if env.resume_from is not None:
@@ -182,7 +185,9 @@ def _train(cfg: RunConfig, env: WorkerEnv) -> dict:
 def train_one_epoch(net, batches, optimizer, loss_fn, controller: PruningController, state: RunState,
                     cfg: RunConfig, ctx: DistContext, autocast) -> dict:
     net.train()
-    loss_sum, samples, steps = 0.0, 0, 0
+    # The loss is summed on the device and read back only at log points and at the end: a float() per
+    # step would wait for the device every step.
+    loss_sum, samples, steps = None, 0, 0
     max_steps = cfg.train.max_steps_per_epoch
     start = time.perf_counter()
     for inputs, targets in batches:
@@ -192,19 +197,21 @@ def train_one_epoch(net, batches, optimizer, loss_fn, controller: PruningControl
             loss = loss_fn(net(inputs), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        controller.after_backward(state.global_step, optimizer)  # the dynamic-method hook (gradients present)
         optimizer.step()
         controller.pruner.apply()  # pruned weights stay exactly zero
-        loss_sum += float(loss.detach()) * targets.numel()
+        weighted = loss.detach().float() * targets.numel()
+        loss_sum = weighted if loss_sum is None else loss_sum.add_(weighted)
         samples += targets.numel()
         steps += 1
         state.global_step += 1
         if ctx.is_main and steps % cfg.train.log_every_steps == 0:
-            log.info("  step %d/%d  loss %.4f", steps, max_steps or len(batches), loss_sum / samples)
+            log.info("  step %d/%d  loss %.4f", steps, max_steps or len(batches), float(loss_sum) / samples)
         if max_steps is not None and steps >= max_steps:
             break
+    mean_loss = float(loss_sum) / samples if samples else 0.0  # waits for the device: before the clock stops
     seconds = max(time.perf_counter() - start, 1e-9)
-    return {"train_loss": loss_sum / max(samples, 1), "images_per_sec": samples * ctx.world_size / seconds,
-            "train_steps": steps}
+    return {"train_loss": mean_loss, "images_per_sec": samples * ctx.world_size / seconds, "train_steps": steps}
 
 
 def _wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:

@@ -6,8 +6,14 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from gmp_dist.checkpoint import (CHECKPOINT_FORMAT, capture_rng_state, load_checkpoint, load_state_dict_checked,
-                                 restore_rng_state, save_checkpoint)
+from gmp_dist.checkpoint import (
+    CHECKPOINT_FORMAT,
+    capture_rng_state,
+    load_checkpoint,
+    load_state_dict_checked,
+    restore_rng_state,
+    save_checkpoint,
+)
 from gmp_dist.config import dump_config
 from gmp_dist.dist import DistContext, TorchCollective
 from gmp_dist.errors import UserError

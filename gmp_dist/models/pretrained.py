@@ -15,6 +15,7 @@ names the source and the model, so the CLI exits 2 with a readable message.
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
 import torch.nn as nn
 
@@ -62,12 +63,13 @@ def _torchvision_state(source: str, label: str) -> dict[str, torch.Tensor]:
 
 
 def _mlflow_download(uri: str, label: str) -> Path:
+    from gmp_dist.tracking.downloads import ArtifactDownloadError, download_artifact
+
     try:
-        import mlflow.artifacts
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    except Exception as exc:  # MlflowException, connection errors, bad URI
+        local = download_artifact(uri)
+    except ArtifactDownloadError as exc:
         raise UserError(f"pretrained {uri!r} for model {label!r}: MLflow could not download it "
-                        f"({type(exc).__name__}: {exc}); check the run id/path and the tracking URI") from None
+                        f"({exc}); check the run id/path and the tracking URI") from None
     if local.is_dir():
         files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
         if len(files) != 1:

@@ -2,7 +2,9 @@
 
 Under DDP every rank holds all layers. The statistics work is shared by giving each rank whole layers,
 balanced by size; the decision comes out identical everywhere (the protocol ends with an all-reduce of
-every number it uses), and each rank then builds the masks of all layers locally.
+every number it uses), and each rank then builds the masks of all layers locally. Both allocations run
+on this protocol: one global cut over any non-negative scores (``global_score_masks``), or an exact cut
+per layer at given counts (``per_layer_masks``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from gmp_dist.pruning.global_mp import LOCAL, Collective, Decision, Shard, decide
+from gmp_dist.pruning.global_mp import LOCAL, Collective, Decision, Shard, decide, layer_top_cut
 from gmp_dist.pruning.masks import cut_mask
 from gmp_dist.pruning.reference_mt import reference_mt_masks
 
@@ -28,15 +30,35 @@ def owned_layers(sizes: Sequence[int], world_size: int) -> list[list[int]]:
     return [sorted(layers) for layers in owned]
 
 
+def global_score_masks(scores: Sequence[torch.Tensor], sparsity: float, min_weights: int = 0,
+                       comm: Collective = LOCAL, rank: int = 0, world_size: int = 1,
+                       ) -> tuple[list[torch.Tensor], Decision]:
+    """Keep the top K = N − round(s·N) of all ``scores`` (ranked by |score|), the top ``min_weights`` of
+    every layer protected first (design.md §3.2); ties in canonical order."""
+    sizes = [t.numel() for t in scores]
+    mine = owned_layers(sizes, world_size)[rank]
+    decision = decide([Shard(i, 0, scores[i]) for i in mine], sizes, sparsity, min_weights, comm)
+    masks = [cut_mask(t, decision.layer_cut_bits[i], decision.layer_ties_kept[i]) for i, t in enumerate(scores)]
+    return masks, decision
+
+
+def per_layer_masks(scores: Sequence[torch.Tensor], kept: Sequence[int], comm: Collective = LOCAL, rank: int = 0,
+                    world_size: int = 1) -> list[torch.Tensor]:
+    """Keep exactly ``kept[l]`` of layer l, its largest |scores| (ties: lower flat index). Each rank cuts
+    the layers it owns; the cuts (two integers per layer) are gathered, so every rank builds every mask."""
+    sizes = [t.numel() for t in scores]
+    mine = owned_layers(sizes, world_size)[rank]
+    cuts: dict[int, tuple[int, int]] = {}
+    for rank_cuts in comm.allgather({i: layer_top_cut(scores[i], int(kept[i])) for i in mine}):
+        cuts.update(rank_cuts)
+    return [cut_mask(t, *cuts[i]) for i, t in enumerate(scores)]
+
+
 def decide_masks(tensors: Sequence[torch.Tensor], sparsity: float, min_weights: int = 0, mt_mode: str = "exact",
                  comm: Collective = LOCAL, rank: int = 0, world_size: int = 1,
                  ) -> tuple[list[torch.Tensor], Decision | None]:
-    """Masks for all ``tensors`` (canonical order). ``reference`` MT has no distributed decision: every
-    rank runs it on its full replica (deterministic), and the caller verifies the checksums agree."""
+    """Global MP: masks for all ``tensors`` (canonical order). ``reference`` MT has no distributed decision:
+    every rank runs it on its full replica (deterministic), and the caller verifies the checksums agree."""
     if mt_mode == "reference" and min_weights > 0:
         return reference_mt_masks(tensors, sparsity, min_weights), None
-    sizes = [t.numel() for t in tensors]
-    mine = owned_layers(sizes, world_size)[rank]
-    decision = decide([Shard(i, 0, tensors[i]) for i in mine], sizes, sparsity, min_weights, comm)
-    masks = [cut_mask(t, decision.layer_cut_bits[i], decision.layer_ties_kept[i]) for i, t in enumerate(tensors)]
-    return masks, decision
+    return global_score_masks(tensors, sparsity, min_weights, comm, rank, world_size)

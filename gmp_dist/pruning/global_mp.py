@@ -27,8 +27,8 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
-from gmp_dist.errors import InfeasibleError
 from gmp_dist.pruning import radix
+from gmp_dist.pruning.errors import InfeasibleError
 from gmp_dist.pruning.radix import KEEP_ALL, KEEP_NONE, LowCounts
 
 

@@ -216,12 +216,6 @@ class LowCounts(NamedTuple):
         return int(self.bins[index]), above
 
 
-def find_cut(self, need: int) -> tuple[int, int]:
-        """As :func:`find_cut`, over the sparse bins."""
-        index, above = find_cut(self.counts, need)
-        return int(self.bins[index]), above
-
-
 def find_cut(hist: torch.Tensor | np.ndarray, need: int) -> tuple[int, int]:
     """The bin holding the ``need``-th largest element, and how many elements lie in higher bins.
 

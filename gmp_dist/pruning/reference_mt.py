@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from gmp_dist.errors import InfeasibleError
+from gmp_dist.pruning.errors import InfeasibleError
 from gmp_dist.pruning.global_mp import kept_budget, layer_top_cut
 from gmp_dist.pruning.masks import cut_mask, global_magnitude_masks
 

@@ -28,16 +28,7 @@ def column_masks(tensors: Mapping[str, torch.Tensor], ranks: Mapping[str, int]) 
     in ``ranks`` get an all-True mask. Raises ``ValueError`` naming every bad entry: a name that is
     not in ``tensors``, a tensor that is not 2-D, a rank < 1 or > the number of columns.
     """
-    problems = []
-    for name, rank in ranks.items():
-        if name not in tensors:
-            problems.append(f"{name!r}: no such tensor (known: {', '.join(sorted(tensors)) or 'none'})")
-            continue
-        tensor = tensors[name]
-        if tensor.dim() != 2:
-            problems.append(f"{name!r}: column pruning needs a 2-D tensor, got shape {tuple(tensor.shape)}")
-        elif isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= tensor.shape[1]:
-            problems.append(f"{name!r}: rank {rank!r} must be an integer in [1, {tensor.shape[1]}] (its column count)")
+    problems = rank_problems({name: tuple(t.shape) for name, t in tensors.items()}, ranks)
     if problems:
         raise ValueError("structured pruning: " + "; ".join(problems))
 
@@ -50,6 +41,21 @@ def column_masks(tensors: Mapping[str, torch.Tensor], ranks: Mapping[str, int]) 
             mask[:, order[ranks[name]:]] = False
         masks[name] = mask
     return masks
+
+
+def rank_problems(shapes: Mapping[str, tuple[int, ...]], ranks: Mapping[str, int]) -> list[str]:
+    """What is wrong with ``ranks`` for tensors of these ``shapes`` (empty when nothing is)."""
+    problems = []
+    for name, rank in ranks.items():
+        if name not in shapes:
+            problems.append(f"{name!r}: no such tensor (known: {', '.join(sorted(shapes)) or 'none'})")
+            continue
+        shape = shapes[name]
+        if len(shape) != 2:
+            problems.append(f"{name!r}: column pruning needs a 2-D tensor, got shape {shape}")
+        elif isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= shape[1]:
+            problems.append(f"{name!r}: rank {rank!r} must be an integer in [1, {shape[1]}] (its column count)")
+    return problems
 
 
 def kept_columns(mask: torch.Tensor) -> int:

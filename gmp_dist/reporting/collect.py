@@ -125,7 +125,7 @@ def layer_report(mlflow_client, run_id: str, dst: Path) -> dict:
         raise UserError(f"--run {run_id}: no such MLflow run ({_first_line(exc)})") from None
     if not has_layer_table(mlflow_client, run_id):
         raise UserError(f"--run {run_id} ({run.info.run_name}) has no {CSV_NAME} artifact: pick a run of a pruned"
-                        " training (prune.method global_mp or structured)")
+                        " training (any prune.method other than none)")
     path = Path(mlflow_client.download_artifacts(run_id, CSV_NAME, str(dst)))
     with path.open(newline="") as handle:
         layers = [_layer(record) for record in csv.DictReader(handle)]
@@ -137,11 +137,14 @@ def layer_report(mlflow_client, run_id: str, dst: Path) -> dict:
 
 
 def _target_sparsity(params: dict) -> Optional[float]:
-    """The sparsity the config asked for: 0 for dense runs, unknown for structured (rank) pruning."""
+    """The sparsity the config asked for: 0 for dense runs, unknown where ranks set it (structured)."""
+    from gmp_dist.pruning.methods import get_method, method_names
+
     method = _text(params.get("prune.method"))
-    if method == "none":
+    info = get_method(method).info if method in method_names() else None
+    if info is not None and not info.prunes:
         return 0.0
-    if method == "structured":
+    if info is not None and not info.uses_sparsity:
         return None
     return _number(params.get("prune.sparsity"))
 
