@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gmp-dist {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGINT/SIGTERM turned into signals.Stopped
-        print(f"gmp-dist {args.command}: {exc or 'interrupted'}", file=sys.stderr)
+        print(f"gmp-dist {args.command}: {signals.describe(exc)}", file=sys.stderr)
         return signals.exit_code(exc)
     except Exception:  # an internal failure: keep the traceback for the bug report
         traceback.print_exc()

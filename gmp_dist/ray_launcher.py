@@ -61,7 +61,7 @@ def run_with_ray(cfg: RunConfig, tracking_uri: Optional[str], run_id: Optional[s
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     storage_path, storage_filesystem = storage.ray_storage(cfg.checkpoint.storage_path)
-    trainer = TorchTrainer(
+    trainer = _trainer_class(TorchTrainer)(
         _train_loop_per_worker,
         train_loop_config={"config_yaml": dump_config(cfg), "tracking_uri": tracking_uri, "run_id": run_id,
                            "cwd": os.getcwd(), "scratch_prefix": _scratch_prefix(cfg)},
@@ -72,10 +72,42 @@ def run_with_ray(cfg: RunConfig, tracking_uri: Optional[str], run_id: Optional[s
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:  # our SIGINT/SIGTERM handler fired inside fit (ray.get re-raises it plainly)
+        trainer.abort()
+        raise
     if result.error is not None:
         raise result.error
     return dict(result.metrics or {})
+
+
+def _trainer_class(base):
+    """``base`` (TorchTrainer) that leaves SIGINT to :mod:`gmp_dist.signals` and can abort its run.
+
+    Train V2's ``fit`` installs a SIGINT handler of its own that aborts the run and then exits 0 or 1, so
+    the driver could not tell a stop from a success nor end the MLflow run KILLED. Keeping the
+    controller's handle instead lets the driver abort the run gracefully (workers stopped by Ray Train)
+    on SIGINT and SIGTERM alike.
+    """
+
+    class Trainer(base):
+        _controller = None
+
+        def _register_sigint_handler(self, controller) -> None:
+            self._controller = controller
+
+        def abort(self) -> None:
+            import ray
+
+            if self._controller is None:
+                return
+            try:
+                ray.get(self._controller.abort.remote(), timeout=30)
+            except Exception as exc:  # the controller exits while answering: that is the success case
+                log.debug("Train controller abort: %s", exc)
+
+    return Trainer
 
 
 def wait_for_resources(ray, cfg: RunConfig, *, autoscaling_possible: bool) -> None:

@@ -8,7 +8,8 @@ SIGTERM). Further signals while that cleanup runs are logged and ignored, so a s
 the run's bookkeeping in half (SIGKILL still ends the process).
 
 Libraries may install their own handlers (``ray.init`` turns SIGTERM into an exit of its own); code that
-calls such a library calls :func:`rearm` right after it.
+calls such a library calls :func:`rearm` right after it. Ray Train's ``fit`` would take SIGINT over too;
+``ray_launcher`` keeps it from doing so and aborts the Train controller itself.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Iterator
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_state = {"depth": 0, "stopping": False}
+_state: dict = {"depth": 0, "stopping": False, "signum": None}
 
 
 class Stopped(KeyboardInterrupt):
@@ -33,9 +34,20 @@ class Stopped(KeyboardInterrupt):
         self.exit_code = 128 + signum
 
 
+def received() -> int | None:
+    """The signal that stopped the current (or last) block, if any."""
+    return _state["signum"]
+
+
 def exit_code(exc: KeyboardInterrupt) -> int:
-    """130 for a plain KeyboardInterrupt (Ctrl-C with default handling), 128 + n for :class:`Stopped`."""
-    return getattr(exc, "exit_code", 128 + signal.SIGINT)
+    """128 + the signal: 130 for SIGINT, 143 for SIGTERM. Libraries that wait in C (``ray.get``) turn our
+    :class:`Stopped` into a plain KeyboardInterrupt, so the signal recorded by the handler decides."""
+    return getattr(exc, "exit_code", None) or 128 + (_state["signum"] or signal.SIGINT)
+
+
+def describe(exc: KeyboardInterrupt) -> str:
+    signum = getattr(exc, "signum", None) or _state["signum"]
+    return f"stopped by {signal.Signals(signum).name}" if signum else "interrupted"
 
 
 def _handler(signum: int, frame) -> None:
@@ -43,7 +55,7 @@ def _handler(signum: int, frame) -> None:
         log.warning("%s received while stopping; still cleaning up (SIGKILL ends it at once)",
                     signal.Signals(signum).name)
         return
-    _state["stopping"] = True
+    _state["stopping"], _state["signum"] = True, signum
     log.warning("%s received: stopping the workers and ending the MLflow run as KILLED",
                 signal.Signals(signum).name)
     raise Stopped(signum)
@@ -68,7 +80,7 @@ def stop_on_signals() -> Iterator[None]:
         return
     previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
     if _state["depth"] == 0:
-        _state["stopping"] = False
+        _state["stopping"], _state["signum"] = False, None
     _state["depth"] += 1
     try:
         rearm()

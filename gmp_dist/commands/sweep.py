@@ -394,7 +394,7 @@ def _child_main(argv: Sequence[str]) -> int:
         with stop_on_signals():
             result = run_training(cfg, parent_run_id=parent or None)
     except KeyboardInterrupt as exc:
-        write({"status": "KILLED", "error": str(exc) or "interrupted"})
+        write({"status": "KILLED", "error": signals.describe(exc)})
         return signals.exit_code(exc)
     except UserError as exc:
         print(f"gmp-dist sweep: error: {exc}", file=sys.stderr)
