@@ -22,10 +22,11 @@ import psutil
 import pytest
 import torch
 
-from conftest import stop_process_group
 from gmp_dist import storage
 from gmp_dist.cli import main
 from gmp_dist.models import build_model
+
+from conftest import stop_process_group
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
