@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import shutil
 import socket
 import tempfile
@@ -56,16 +55,14 @@ def local_session(cfg: RunConfig) -> Iterator[Callable[[RunConfig, Optional[str]
 
 
 def check_devices(cfg: RunConfig) -> None:
-    """``scaling.use_gpu`` without Ray: one CUDA device per process (fractions share), NCCL between them."""
+    """``scaling.use_gpu`` without Ray: one CUDA device per process (NCCL cannot put two ranks on one)."""
     if not cfg.scaling.use_gpu:
         return
     count = torch.cuda.device_count()
-    needed = math.ceil(cfg.scaling.num_workers * min(cfg.scaling.gpus_per_worker, 1.0))
-    if count == 0 or count < needed:
-        raise UserError(f"scaling.use_gpu=true asks for {cfg.scaling.num_workers} worker process(es) x"
-                        f" {cfg.scaling.gpus_per_worker} GPU (scaling.num_workers, scaling.gpus_per_worker), but"
-                        f" this machine has {count} CUDA device(s): set scaling.use_gpu=false, or lower"
-                        " scaling.num_workers / scaling.gpus_per_worker")
+    if count < cfg.scaling.num_workers:
+        raise UserError(f"scaling.use_gpu=true with scaling.use_ray=false needs one CUDA device per worker process"
+                        f" (scaling.num_workers={cfg.scaling.num_workers}), but this machine has {count}: set"
+                        " scaling.use_gpu=false, lower scaling.num_workers, or run under Ray on a GPU cluster")
 
 
 def run_local(cfg: RunConfig, tracking_uri: Optional[str], run_id: Optional[str]) -> dict:
@@ -125,7 +122,7 @@ def _worker(rank, world_size, port, config_yaml, tracking_uri, run_id) -> dict:
     cfg = validate_config(yaml.safe_load(config_yaml))
     device = torch.device("cpu")
     if cfg.scaling.use_gpu:
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+        device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
     if world_size > 1:
         init_local_group(rank, world_size, port, "nccl" if device.type == "cuda" else "gloo")
