@@ -134,3 +134,13 @@ def test_two_gloo_workers_without_ray(tmp_path, dense_checkpoint):
     ckpt = _final_checkpoint(tmp_path, "gloo2")
     for name, mask in ckpt["pruner"]["masks"].items():
         assert torch.all(ckpt["model"][name][~mask] == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_local_runner_honours_use_gpu(tmp_path, dense_checkpoint):
+    _, result = _run(tmp_path, "cuda1", dense_checkpoint, "scaling.use_gpu=true", "train.epochs=1")
+    assert result["sparsity"] == pytest.approx(0.9, abs=1e-5)
+    ckpt = _final_checkpoint(tmp_path, "cuda1")
+    for name, mask in ckpt["pruner"]["masks"].items():
+        assert torch.all(ckpt["model"][name][~mask] == 0)
