@@ -10,6 +10,7 @@ Resuming a stopped run = the same ``checkpoint.storage_path`` and ``name`` (Trai
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -33,22 +34,30 @@ def ray_session(cfg: RunConfig) -> Iterator[Callable[[RunConfig, Optional[str], 
     and a joined cluster is left, so it stops the run's controller and workers with this driver."""
     import ray
 
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        # The Ray started here will hold this machine's CPUs and GPUs: check before paying for its start.
+        _raise_if_short(cfg, [_this_machine(cfg)], "this machine")
     started_here = _connect(ray, cfg)
     signals.rearm()  # ray.init installs a SIGTERM handler of its own
     interrupted = False
     try:
         wait_for_resources(ray, cfg, autoscaling_possible=not started_here)
-        yield run_with_ray
+        # A Ray started here goes down whole with ray.shutdown(); on a joined cluster the driver aborts the
+        # Train run first, so its controller and workers stop before the driver leaves.
+        yield functools.partial(run_with_ray, abort_on_stop=not started_here)
     except KeyboardInterrupt:
         interrupted = True
         raise
     finally:
         if started_here or interrupted:
+            log.info("shutting down Ray" if started_here else "leaving the Ray cluster")
             ray.shutdown()
+            log.info("Ray shut down")
         _remove_scratch(cfg)
 
 
-def run_with_ray(cfg: RunConfig, tracking_uri: Optional[str], run_id: Optional[str]) -> dict:
+def run_with_ray(cfg: RunConfig, tracking_uri: Optional[str], run_id: Optional[str], *,
+                 abort_on_stop: bool = True) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -75,7 +84,9 @@ def run_with_ray(cfg: RunConfig, tracking_uri: Optional[str], run_id: Optional[s
     try:
         result = trainer.fit()
     except KeyboardInterrupt:  # our SIGINT/SIGTERM handler fired inside fit (ray.get re-raises it plainly)
-        trainer.abort()
+        if abort_on_stop:
+            log.info("aborting the Ray Train run")
+            trainer.abort()
         raise
     if result.error is not None:
         raise result.error
@@ -103,7 +114,7 @@ def _trainer_class(base):
             if self._controller is None:
                 return
             try:
-                ray.get(self._controller.abort.remote(), timeout=30)
+                ray.get(self._controller.abort.remote(), timeout=15)
             except Exception as exc:  # the controller exits while answering: that is the success case
                 log.debug("Train controller abort: %s", exc)
 
@@ -113,30 +124,56 @@ def _trainer_class(base):
 def wait_for_resources(ray, cfg: RunConfig, *, autoscaling_possible: bool) -> None:
     """Exit 2 at once when the cluster cannot place the workers and nothing can add nodes; on a joined
     cluster (an autoscaler may add nodes) wait up to ``scaling.resource_wait_s`` with a visible message."""
-    need = _per_worker_request(cfg)
     deadline = time.monotonic() + cfg.scaling.resource_wait_s
     next_message = 0.0
     while True:
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-        if _workers_that_fit(nodes, need) >= cfg.scaling.num_workers:
-            return
-        have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-        problem = (f"{cfg.scaling.num_workers} workers x {need} (scaling.num_workers, scaling.cpus_per_worker"
-                   f"{', scaling.use_gpu=true, scaling.gpus_per_worker' if 'GPU' in need else ''}) do not fit"
-                   f" on the Ray cluster, which has {have or 'no CPU/GPU'} in {len(nodes)} node(s)")
-        fix = ("set scaling.use_gpu=false, or lower scaling.gpus_per_worker / scaling.num_workers, or run on a"
-               " cluster with GPUs" if "GPU" in need and have.get("GPU", 0) < need["GPU"] * cfg.scaling.num_workers
-               else "lower scaling.num_workers / scaling.cpus_per_worker, or add nodes")
         now = time.monotonic()
         if not autoscaling_possible or now >= deadline:
-            waited = "" if not autoscaling_possible else f" after waiting {cfg.scaling.resource_wait_s:.0f} s" \
-                " (scaling.resource_wait_s)"
-            raise UserError(f"{problem}{waited}: {fix}")
+            waited = f" after waiting {cfg.scaling.resource_wait_s:.0f} s (scaling.resource_wait_s)" \
+                if autoscaling_possible else ""
+            _raise_if_short(cfg, nodes, f"the Ray cluster ({len(nodes)} node(s))", waited)
+            return
+        short = _shortfall(cfg, nodes, f"the Ray cluster ({len(nodes)} node(s))")
+        if short is None:
+            return
         if now >= next_message:
             log.warning("%s; waiting up to %.0f s more for an autoscaler to add nodes (scaling.resource_wait_s)",
-                        problem, deadline - now)
+                        short[0], deadline - now)
             next_message = now + 30
         time.sleep(2)
+
+
+def _raise_if_short(cfg: RunConfig, nodes: list[dict], where: str, waited: str = "") -> None:
+    short = _shortfall(cfg, nodes, where)
+    if short is not None:
+        raise UserError(f"{short[0]}{waited}: {short[1]}")
+
+
+def _shortfall(cfg: RunConfig, nodes: list[dict], where: str) -> Optional[tuple[str, str]]:
+    """(what does not fit, what to change), or None when the nodes can hold every worker."""
+    need = _per_worker_request(cfg)
+    if _workers_that_fit(nodes, need) >= cfg.scaling.num_workers:
+        return None
+    have = {key: sum(node.get(key, 0.0) for node in nodes) for key in ("CPU", "GPU")}
+    gpu_keys = ", scaling.use_gpu=true, scaling.gpus_per_worker" if "GPU" in need else ""
+    problem = (f"{cfg.scaling.num_workers} workers x {need} (scaling.num_workers, scaling.cpus_per_worker{gpu_keys})"
+               f" do not fit on {where}, which has {have}")
+    if "GPU" in need and have["GPU"] < need["GPU"] * cfg.scaling.num_workers:
+        return problem, ("set scaling.use_gpu=false, or lower scaling.gpus_per_worker / scaling.num_workers, or run"
+                         " on a cluster with GPUs")
+    return problem, "lower scaling.num_workers / scaling.cpus_per_worker, or add nodes"
+
+
+def _this_machine(cfg: RunConfig) -> dict[str, float]:
+    """What :func:`_connect` gives a Ray it starts here (Ray counts the GPUs CUDA shows it)."""
+    import torch
+
+    return {"CPU": float(_local_cpus(cfg)), "GPU": float(torch.cuda.device_count())}
+
+
+def _local_cpus(cfg: RunConfig) -> int:
+    return max(int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 0.999), os.cpu_count() or 1)
 
 
 def _per_worker_request(cfg: RunConfig) -> dict[str, float]:
@@ -181,12 +218,11 @@ def _connect(ray, cfg: RunConfig) -> bool:
             raise UserError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {exc}; start one with"
                             " `launch/local_cluster.sh start` or unset RAY_ADDRESS to run locally") from None
         return False
-    needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     # One machine cannot be preempted piecemeal: skip Train V2's preemption-watcher actor, whose idle
     # Ray core worker alone costs ~1% of a core (propagated to the Train controller from this env).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # address="local": always a fresh instance, never silently joining another cluster on this machine.
-    ray.init(address="local", num_cpus=max(int(needed + 0.999), os.cpu_count() or 1), include_dashboard=False,
+    ray.init(address="local", num_cpus=_local_cpus(cfg), include_dashboard=False,
              object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1",
              logging_level=logging.WARNING,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}})
