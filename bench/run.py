@@ -19,6 +19,7 @@ from pathlib import Path
 
 MODULES = [
     "bench.selection",
+    "bench.methods",
     "bench.training",
     "bench.loader",
     "bench.export",

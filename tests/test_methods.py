@@ -184,3 +184,52 @@ def test_registry_lists_every_method_with_its_needs():
         get_method("snip").check([(10, 10)], ["w"], 0.5, 0, {}, has_data=False)
     with pytest.raises(UserError, match="did you mean 'lamp'"):
         get_method("lammp")
+
+
+def test_dynamic_method_seam_installs_masks_from_gradients():
+    """A RigL-shaped method plugs in through ``at_step`` alone: the controller hands it the gradients after
+    backward and installs what it returns (checksum, weights zeroed, report) — no loop change needed."""
+    from gmp_dist.config import load_config
+    from gmp_dist.dist import DistContext
+    from gmp_dist.engine.events import PruningController
+    from gmp_dist.models import build_model
+    from gmp_dist.pruning.methods import MethodInfo, PruningMethod, register, registry as method_registry
+
+    class DropLargestGradient(PruningMethod):
+        info = MethodInfo("test_drop_largest_grad", "test only", "-", "per_layer", dynamic=True)
+        seen_steps: list[int] = []
+
+        def at_step(self, ctx):
+            self.seen_steps.append(ctx.step)
+            if ctx.step != 1:
+                return None
+            masks = []
+            for p in ctx.params:  # drop each layer's weight with the largest |grad|
+                mask = torch.ones(p.shape, dtype=torch.bool)
+                mask.view(-1)[int(p.grad.abs().argmax())] = False
+                masks.append(mask)
+            return masks
+
+    method = register(DropLargestGradient())
+    try:
+        cfg = load_config(None, ["prune.method=test_drop_largest_grad"])
+        torch.manual_seed(0)
+        model = build_model("digits_cnn")
+        controller = PruningController(cfg.prune, model, "digits_cnn", DistContext())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(3):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(torch.randn(4, 1, 8, 8)), torch.tensor([0, 1, 2, 3])).backward()
+            grads = [p.grad.clone() for p in controller.pruner.params]
+            controller.after_backward(step, optimizer)
+            if step == 1:
+                dropped = [int(g.abs().argmax()) for g in grads]
+            optimizer.step()
+            controller.pruner.apply()
+        assert method.seen_steps == [0, 1, 2]
+        for p, index in zip(controller.pruner.params, dropped):
+            assert float(p.detach().view(-1)[index]) == 0.0 and int((p.detach() == 0).sum()) == 1
+        assert controller.last_report["method"] == "test_drop_largest_grad"
+        assert controller.last_report["kept_weights"] == controller.last_report["prunable_weights"] - len(dropped)
+    finally:
+        del method_registry._METHODS["test_drop_largest_grad"]

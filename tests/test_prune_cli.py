@@ -88,3 +88,51 @@ def test_truncated_and_foreign_checkpoints_exit_2(tmp_path, capsys):
 def test_unknown_model_exit_2(tmp_path, capsys):
     assert _run("prune", "--model", "resnet5", "--sparsity", "0.5", "--out", str(tmp_path / "o.pt")) == 2
     assert "did you mean" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["global_mp", "uniform", "uniform_plus", "erk", "lamp", "random", "synflow"])
+def test_every_method_through_the_cli(method, tmp_path):
+    from gmp_dist.pruning.methods import get_method
+
+    out = tmp_path / "o.pt"
+    extra = ["--min-weights", "20"] if get_method(method).info.accepts_mt else []
+    assert _run("prune", "--model", "digits_cnn", "--method", method, "--sparsity", "0.9", "--seed", "3",
+                "--out", str(out), *extra) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["method"] == method
+    n = report["prunable_weights"]
+    sizes = [layer["weights"] for layer in report["layers"]]
+    if method in ("uniform", "random"):
+        assert [layer["kept"] for layer in report["layers"]] == [s - int(0.9 * s + 0.5) for s in sizes]
+    else:
+        assert report["kept_weights"] == n - round(0.9 * n)
+    if extra:
+        assert all(layer["kept"] >= min(20, layer["weights"]) for layer in report["layers"])
+    state = torch.load(out, weights_only=True)
+    assert sum(int((state[layer["name"]] == 0).sum()) for layer in report["layers"]) == n - report["kept_weights"]
+
+
+def test_snip_reads_batches_of_the_config_data(tmp_path, digits_dir):
+    cfg = tmp_path / "snip.yaml"
+    cfg.write_text(f"data:\n  name: digits\n  path: {digits_dir}\n  loader: torchvision\nprune:\n  snip:\n"
+                   "    batches: 2\n")
+    out = tmp_path / "o.pt"
+    assert _run("prune", "--model", "digits_cnn", "--method", "snip", "--config", str(cfg), "--sparsity", "0.9",
+                "--min-threshold-pct", "0.2", "--out", str(out)) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    n = report["prunable_weights"]
+    assert report["method"] == "snip" and report["kept_weights"] == n - round(0.9 * n)
+    assert all(layer["kept"] >= min(int(n * 0.2 / 100), layer["weights"]) for layer in report["layers"])
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--method", "uniform", "--min-weights", "10"], "takes no Minimum Threshold"),
+    (["--method", "snip"], "--config"),
+    (["--method", "uniform_plus", "--sparsity", "0.999"], "largest reachable sparsity"),
+])
+def test_method_misuse_exits_2_and_writes_nothing(tmp_path, capsys, argv, needle):
+    out = tmp_path / "o.pt"
+    sparsity = [] if "--sparsity" in argv else ["--sparsity", "0.9"]
+    assert _run("prune", "--model", "digits_cnn", "--out", str(out), *sparsity, *argv) == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists() and not out.with_suffix(".json").exists()

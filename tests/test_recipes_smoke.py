@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from gmp_dist.commands.train import preflight, run_training
+from gmp_dist.config import load_config
 from gmp_dist.engine.events import schedule_from_config
 from gmp_dist.pruning.apply import decide_masks
 from gmp_dist.pruning.global_mp import kept_budget
@@ -54,6 +55,7 @@ except ImportError:  # tests/ imported as a package
 
 pytestmark = pytest.mark.recipes
 
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 IMAGENET_SIZE = ["data.image_size=64", "data.val_resize=72"]
 
 
@@ -233,3 +235,68 @@ def test_fastgrnn_structured(rel, ranks, har, tmp_path):
     removed = (9 - ranks[0]) * 9 + (80 - ranks[1]) * 80
     assert sum(m.numel() for m in masks.values()) == 13_761
     assert result["sparsity"] == pytest.approx(removed / 13_761, abs=1e-12)
+
+
+# ------------------------------------------------------------------ every pruning method, through Ray
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    """One local Ray (loopback, 2 CPUs) for every method's run: ``run_with_ray`` joins an initialised Ray
+    instead of starting its own, so each run costs a worker group, not a cluster start."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024,
+             _node_ip_address="127.0.0.1", logging_level="WARNING",
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["global_mp", "uniform", "uniform_plus", "erk", "lamp", "random", "snip",
+                                    "synflow"])
+def test_every_method_trains_through_ray(method, shared_ray, digits_dir, tmp_path):
+    """The quickstart config, 2 Ray Train workers, one epoch of 3 steps: the installed masks hold the
+    method's budget exactly and stay applied; data-free deterministic methods match the offline decision."""
+    from gmp_dist.engine.events import method_options
+    from gmp_dist.models import build_model, get_spec
+    from gmp_dist.pruning.methods import PruneRequest, get_method
+
+    info = get_method(method).info
+    torch.manual_seed(0)
+    dense = build_model("digits_cnn").state_dict()
+    torch.save(dense, tmp_path / "dense.pt")
+    sets = [f"name=ray-{method}", f"prune.method={method}", f"model.pretrained={tmp_path / 'dense.pt'}",
+            f"data.path={digits_dir}", "data.loader=torchvision", "train.epochs=1", "train.max_steps_per_epoch=3",
+            "tracking.enabled=false", f"checkpoint.storage_path={tmp_path / 'runs'}", "prune.synflow.iterations=5",
+            "prune.snip.batches=2"]
+    if not info.accepts_mt:
+        sets.append("prune.min_threshold_pct=null")
+    cfg = load_config(REPO_CONFIGS / "quickstart/gmp90.yaml", sets)
+    assert cfg.scaling.use_ray and cfg.scaling.num_workers == 2
+    preflight(cfg)
+    result = run_training(cfg)
+    assert result["train_steps"] == 3
+    final = final_state(cfg)
+    names = prunable_names(cfg)
+    masks = {n: final[n] != 0 for n in names}
+    kept = [int(masks[n].sum()) for n in names]
+    sizes = [masks[n].numel() for n in names]
+    if method in ("uniform", "random"):
+        assert kept == [kept_budget(n, 0.9) for n in sizes]
+    else:
+        assert sum(kept) == kept_budget(sum(sizes), 0.9)
+    assert abs(result["sparsity"] - (1 - sum(kept) / sum(sizes))) < 1e-12
+    if info.accepts_mt:
+        m = resolve_min_weights(sum(sizes), None, 0.2)
+        assert all(k >= min(m, n) for k, n in zip(kept, sizes))
+    if method in ("global_mp", "uniform", "uniform_plus", "erk", "lamp", "random"):
+        model = build_model("digits_cnn")
+        model.load_state_dict(dense)
+        params = dict(model.named_parameters())
+        m = resolve_min_weights(sum(sizes), cfg.prune.min_weights, cfg.prune.min_threshold_pct)
+        offline = get_method(method).decide(PruneRequest(
+            names, [params[n].detach() for n in names], 0.9, m, seed=cfg.train.seed,
+            options=method_options(cfg.prune), input_shape=tuple(get_spec("digits_cnn").input_shape)))
+        for name, want in zip(names, offline.masks):
+            assert torch.equal(masks[name], want), f"{method}: {name} differs from the offline decision"
