@@ -94,9 +94,9 @@ def run_training(cfg: RunConfig, parent_run_id: Optional[str] = None) -> dict:
 
     uri = resolve_tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else None
     with _launcher(cfg) as launch:  # joins Ray / checks devices first: a bad request leaves no MLflow run
-        run_id = _resumed_run_id(cfg, uri) or start_run(cfg, parent_run_id=parent_run_id)
-        status = "FAILED"
-        try:
+        run_id, status = None, "FAILED"
+        try:  # a signal from here on ends the run KILLED
+            run_id = _resumed_run_id(cfg, uri) or start_run(cfg, parent_run_id=parent_run_id)
             result = launch(cfg, uri, run_id)
             final = _publish_final(cfg, uri, run_id)
             status = "FINISHED"
