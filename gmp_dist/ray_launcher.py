@@ -250,6 +250,7 @@ def _train_loop_per_worker(loop_config: dict) -> None:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     restored = ray.train.get_checkpoint()
     scratch = Path(tempfile.mkdtemp(prefix=f"{loop_config['scratch_prefix']}rank{rank}-"))
+    download = contextlib.ExitStack()
     try:
         resume_from = None
         if restored is not None:
@@ -257,13 +258,23 @@ def _train_loop_per_worker(loop_config: dict) -> None:
             local = Path(restored.to_directory(str(scratch / "restored")))
             newest = storage.newest_checkpoint(storage.locate(local))
             resume_from = Path(newest.path) if newest else None
+        elif cfg.checkpoint.resume:
+            # Ray registers a checkpoint only at its controller's next poll; one persisted just before the
+            # driver was stopped is in storage all the same, and the one newest-checkpoint rule finds it.
+            newest = storage.newest_checkpoint(storage.run_folder(cfg))
+            resume_from = download.enter_context(storage.local_file(newest)) if newest else None
+
+        def after_restore() -> None:
+            shutil.rmtree(scratch / "restored", ignore_errors=True)
+            download.close()
+
         env = WorkerEnv(ctx=DistContext(rank, world_size, context.get_local_rank(), device),
                         tracker=make_tracker(loop_config["tracking_uri"], loop_config["run_id"], rank),
                         reporter=_RayReporter(), resume_from=resume_from, scratch_dir=scratch / "report",
-                        run_id=loop_config["run_id"],
-                        after_restore=lambda: shutil.rmtree(scratch / "restored", ignore_errors=True))
+                        run_id=loop_config["run_id"], after_restore=after_restore)
         train(cfg, env)
     finally:
+        download.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
 

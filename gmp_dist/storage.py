@@ -6,6 +6,7 @@ One home for local paths and every URI ``pyarrow.fs.FileSystem.from_uri`` unders
     local runner:  <storage_path>/<name>/epoch_NNNN/checkpoint.pt
     Ray Train:     <storage_path>/<name>/checkpoint_<timestamp>/epoch_NNNN/checkpoint.pt
     both:          <storage_path>/<name>/final.pt      (the final model, a plain state_dict)
+                   <storage_path>/<name>/mlflow_run_id.txt (the run's MLflow run id)
 
 Both hold ``epoch_NNNN/checkpoint.pt``, so one rule picks the newest: highest epoch, then the later path
 (Ray's timestamped folders sort in time order, so an epoch replayed after a restart wins).
@@ -26,6 +27,8 @@ from gmp_dist.errors import UserError
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FINAL_MODEL_NAME = "final.pt"
+# The MLflow run id, written when the run opens: a run stopped before its first checkpoint resumes into it.
+RUN_ID_NAME = "mlflow_run_id.txt"
 _EPOCH_FOLDER = re.compile(r"^epoch_(\d+)$")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -155,6 +158,19 @@ def newest_checkpoint(run: Location) -> Optional[Location]:
 
 def final_model(run: Location) -> Location:
     return run.child(FINAL_MODEL_NAME)
+
+
+def write_run_id(run: Location, run_id: str) -> None:
+    with writable(run.child(RUN_ID_NAME)) as path:
+        path.write_text(run_id + "\n")
+
+
+def read_run_id(run: Location) -> Optional[str]:
+    marker = run.child(RUN_ID_NAME)
+    if not marker.is_file():
+        return None
+    with local_file(marker) as path:
+        return path.read_text().strip() or None
 
 
 def ray_storage(storage_path: str) -> tuple[str, Any]:

@@ -90,13 +90,13 @@ def _check_run_folder(cfg: RunConfig) -> None:
 
 def run_training(cfg: RunConfig, parent_run_id: Optional[str] = None) -> dict:
     """Check resources, open (or continue) the MLflow run, train, close the run with the right status."""
-    from gmp_dist.tracking import end_run, resolve_tracking_uri, start_run
+    from gmp_dist.tracking import end_run, resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else None
     with _launcher(cfg) as launch:  # joins Ray / checks devices first: a bad request leaves no MLflow run
         run_id, status = None, "FAILED"
         try:  # a signal from here on ends the run KILLED
-            run_id = _resumed_run_id(cfg, uri) or start_run(cfg, parent_run_id=parent_run_id)
+            run_id = _resumed_run_id(cfg, uri) or _new_run(cfg, parent_run_id)
             result = launch(cfg, uri, run_id)
             final = _publish_final(cfg, uri, run_id)
             status = "FINISHED"
@@ -132,21 +132,31 @@ def summary_line(cfg: RunConfig, result: dict) -> str:
             f" FLOPs pruned {result.get('flops_pruned', 0.0):.4f}, MLflow run {result.get('run_id')}")
 
 
+def _new_run(cfg: RunConfig, parent_run_id: Optional[str]) -> Optional[str]:
+    from gmp_dist import storage
+    from gmp_dist.tracking import start_run
+
+    run_id = start_run(cfg, parent_run_id=parent_run_id)
+    if run_id:
+        storage.write_run_id(storage.run_folder(cfg), run_id)
+    return run_id
+
+
 def _resumed_run_id(cfg: RunConfig, uri: Optional[str]) -> Optional[str]:
-    """With checkpoint.resume, continue the MLflow run recorded in the newest checkpoint."""
+    """With checkpoint.resume, continue the MLflow run recorded in the newest checkpoint (or, for a run
+    stopped before its first checkpoint, in the run folder)."""
     if not cfg.checkpoint.resume or uri is None:
         return None
     from gmp_dist import storage
     from gmp_dist.checkpoint import load_checkpoint
     from gmp_dist.tracking.runs import client
 
-    newest = storage.newest_checkpoint(storage.run_folder(cfg))
-    if newest is None:
-        return None
-    run_id = load_checkpoint(newest).get("mlflow_run_id")
+    folder = storage.run_folder(cfg)
+    newest = storage.newest_checkpoint(folder)
+    run_id = load_checkpoint(newest).get("mlflow_run_id") if newest else storage.read_run_id(folder)
     if run_id:
         client(uri).update_run(run_id, status="RUNNING")
-        log.info("continuing MLflow run %s from %s", run_id, newest)
+        log.info("continuing MLflow run %s from %s", run_id, newest or folder)
     return run_id
 
 
