@@ -9,6 +9,7 @@ of the training, as a scheduler or a terminal sends them.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -161,14 +162,15 @@ def test_gpu_request_on_a_cpu_machine_exits_2_naming_the_key(tmp_path, digits_di
 
 
 def _run_until_signal(cmd: list[str], tmp_path: Path, after: str, signum: int) -> tuple[int, str, list[int]]:
-    """Start ``cmd`` in its own process group; once rank 0 logs ``after``, send ``signum`` to the group."""
+    """Start ``cmd`` in its own process group; once rank 0 logs a line matching ``after``, send ``signum``
+    to the group."""
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     lines, descendants = [], []
     try:
         for line in proc.stdout:
             lines.append(line)
-            if not descendants and "[rank 0]" in line and after in line:
+            if not descendants and "[rank 0]" in line and re.search(after, line):
                 descendants = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
                 os.killpg(proc.pid, signum)
         proc.wait(timeout=120)
@@ -190,16 +192,21 @@ def _gone(pids: list[int], wait_s: float = 30.0) -> list[int]:
 
 
 def test_sigterm_and_sigint_end_the_run_killed_and_resume_finishes_it(tmp_path, digits_dir):
-    cmd = _cmd(tmp_path, digits_dir, str(tmp_path / "runs"), "preempted", "train.epochs=6")
-    code, log, workers = _run_until_signal(cmd, tmp_path, "epoch 1/6", signal.SIGTERM)
+    # Ray relays worker lines with a delay of its own, and a digits epoch takes well under a second: 20
+    # epochs leave every signal below landing mid-run, after the first epoch line rank 0 prints.
+    epochs = 20
+    cmd = _cmd(tmp_path, digits_dir, str(tmp_path / "runs"), "preempted", f"train.epochs={epochs}")
+    code, log, workers = _run_until_signal(cmd, tmp_path, rf"epoch \d+/{epochs}", signal.SIGTERM)
     assert code == 143, log[-4000:]
     assert _gone(workers) == []  # no Ray worker, raylet or GCS process outlives the driver
     runs = _runs(tmp_path)
     assert [r.info.status for r in runs] == ["KILLED"]
     run_id = runs[0].info.run_id
 
-    code, log, workers = _run_until_signal([*cmd, "--set", "checkpoint.resume=true"], tmp_path, "epoch 3/6",
-                                           signal.SIGINT)
+    # Stopped before its first checkpoint was persisted or not, the run resumes into the same MLflow run;
+    # this time a few epochs in, so the last driver resumes from a checkpoint.
+    code, log, workers = _run_until_signal([*cmd, "--set", "checkpoint.resume=true"], tmp_path,
+                                           rf"epoch ([3-9]|1\d)/{epochs}", signal.SIGINT)
     assert code == 130, log[-4000:]
     assert _gone(workers) == []
     assert [(r.info.run_id, r.info.status) for r in _runs(tmp_path)] == [(run_id, "KILLED")]
@@ -207,6 +214,7 @@ def test_sigterm_and_sigint_end_the_run_killed_and_resume_finishes_it(tmp_path, 
     done = subprocess.run([*cmd, "--set", "checkpoint.resume=true"], cwd=tmp_path, env=_env(tmp_path),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resumed from" in done.stdout + done.stderr
     assert [(r.info.run_id, r.info.status) for r in _runs(tmp_path)] == [(run_id, "FINISHED")]
-    assert _steps(tmp_path, run_id) == list(range(6))  # every epoch logged once across three drivers
+    assert _steps(tmp_path, run_id) == list(range(epochs))  # every epoch logged once across three drivers
     _no_checkpoint_left(tmp_path)
