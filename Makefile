@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 APT_PKGS := pkg-config libopencv-dev libturbojpeg0-dev g++
 
-.PHONY: install demo test test-fast bench clean system-deps ffcv
+.PHONY: install demo study test test-fast bench gpu-check clean system-deps ffcv
 
 install: $(STAMP)
 
@@ -38,6 +38,12 @@ ffcv:
 demo: install
 	$(VENV)/bin/gmp-dist demo
 
+# The paper's comparison on the bundled digits (README "What the study shows"); rerun to resume.
+STUDY ?= configs/study/digits.yaml
+STUDY_OUT ?= study-out/$(basename $(notdir $(STUDY)))
+study: install
+	$(VENV)/bin/gmp-dist study $(STUDY) --out $(STUDY_OUT)
+
 # ruff first: a lint finding fails fast, before minutes of tests.
 test: install
 	$(VENV)/bin/ruff check .
@@ -50,5 +56,11 @@ test-fast: install
 bench: install
 	$(PY) -m bench.run
 
+# gpu-marked tests + GPU benchmark, time-boxed to 8 minutes, writes gpu-results.json; exits 0 without CUDA.
+# On a lent GPU machine without this venv, the python3 that holds torch runs it (GPU_PY=... to choose).
+GPU_PY ?= $(shell $(PY) -c "import torch" >/dev/null 2>&1 && echo $(PY) || echo python3)
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PY) -m bench.gpu_check
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache bench-results.json
+	rm -rf $(VENV) build *.egg-info .pytest_cache bench-results.json gpu-results.json

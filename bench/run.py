@@ -1,6 +1,7 @@
 """Run every benchmark module, print one table, write ``bench-results.json`` in the repo root.
 
-Each module in ``MODULES`` has ``figures() -> dict[name, {"value", "target", "better", "unit"}]``.
+Each module in ``MODULES`` has ``figures() -> dict[name, {"value", "target", "better", "unit"}]``; a
+figure measured as repeats also has ``spread`` and ``repeats`` (``bench.figures``).
 A module may return ``{}`` when its subject is unavailable here (no GPU, FFCV not built); the reason
 is printed. Usage: ``python -m bench.run [--only NAME ...]``.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 MODULES = [
     "bench.selection",
+    "bench.scaling",
     "bench.methods",
     "bench.training",
     "bench.loader",
@@ -47,6 +49,16 @@ def meets(fig: dict) -> bool:
     return fig["value"] <= fig["target"] if fig["better"] == "lower" else fig["value"] >= fig["target"]
 
 
+def print_table(figures: dict[str, dict]) -> None:
+    """One row per figure; ``spread`` ((max - min) / median of the repeats) where a figure was repeated."""
+    print(f"\n{'figure':36s} {'value':>12s} {'spread':>8s} {'target':>10s} {'unit':>10s}  ok")
+    for key, fig in figures.items():
+        target = "" if fig.get("target") is None else f"{'<=' if fig['better'] == 'lower' else '>='}{fig['target']}"
+        spread = "" if fig.get("spread") is None else f"{fig['spread']:.3f}"
+        print(f"{key:36s} {fig['value']:12.4g} {spread:>8s} {target:>10s} {fig.get('unit', ''):>10s}"
+              f"  {'yes' if meets(fig) else 'NO'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=None, help="module names, e.g. selection training")
@@ -69,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # one broken benchmark must not hide the others' numbers
             traceback.print_exc()
             failures.append(short)
-    print(f"\n{'figure':36s} {'value':>12s} {'target':>10s} {'unit':>10s}  ok")
-    for key, fig in figures.items():
-        target = "" if fig.get("target") is None else f"{'<=' if fig['better'] == 'lower' else '>='}{fig['target']}"
-        print(f"{key:36s} {fig['value']:12.4g} {target:>10s} {fig.get('unit', ''):>10s}  {'yes' if meets(fig) else 'NO'}")
+    print_table(figures)
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     merged = dict(previous.get("figures", {})) if args.only else {}
     merged.update(figures)

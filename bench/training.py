@@ -4,6 +4,8 @@
 - ``mlflow_overhead_ratio``: an epoch of steps that logs its metrics to MLflow (sqlite) / with a no-op tracker;
 - ``ray_vs_torch_epoch_ratio``: steady-state epoch time of 2 Ray Train workers / the same loop under plain
   ``torch.distributed`` (2 spawned gloo processes); start-up is reported separately.
+
+Each is the median of ``MIN_REPEATS`` interleaved repeats, with their spread (``bench.figures``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from bench.figures import MIN_REPEATS, repeated
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,19 +60,26 @@ def _step(model, opt, x, y, pruner=None) -> float:
     return time.perf_counter() - start
 
 
-def masked_step_ratio(steps: int = 40) -> float:
+def masked_step_ratios(repeats: int = MIN_REPEATS, steps: int = 40) -> list[float]:
+    """Per repeat: median masked step / median dense step over ``steps`` alternating pairs."""
     model, opt, pruner, x, y = _step_setup()
     for _ in range(5):
         _step(model, opt, x, y, pruner)
-    dense, masked = [], []
-    for _ in range(steps):  # alternate so drift hits both
-        dense.append(_step(model, opt, x, y))
-        masked.append(_step(model, opt, x, y, pruner))
-    return statistics.median(masked) / statistics.median(dense)
+    ratios = []
+    for _ in range(repeats):
+        dense, masked = [], []
+        for _ in range(steps):  # alternate so drift hits both
+            dense.append(_step(model, opt, x, y))
+            masked.append(_step(model, opt, x, y, pruner))
+        ratios.append(statistics.median(masked) / statistics.median(dense))
+    return ratios
 
 
-def mlflow_overhead_ratio(epochs: int = 6, steps_per_epoch: int = 40) -> float:
-    """One epoch = ``steps_per_epoch`` steps (digits has 22 per epoch, ImageNet ~5,000): the engine logs per epoch."""
+def mlflow_overhead_ratios(repeats: int = MIN_REPEATS, epochs: int = 4, steps_per_epoch: int = 40) -> list[float]:
+    """Per repeat: median epoch logging to MLflow / median epoch with a no-op tracker, epochs alternating.
+
+    One epoch = ``steps_per_epoch`` steps (digits has 22 per epoch, ImageNet ~5,000): the engine logs per epoch.
+    """
     from gmp_dist.tracking import MlflowTracker, NullTracker, resolve_tracking_uri
     from gmp_dist.tracking.runs import client
 
@@ -78,19 +89,22 @@ def mlflow_overhead_ratio(epochs: int = 6, steps_per_epoch: int = 40) -> float:
         mlflow_client = client(uri)
         run_id = mlflow_client.create_run(mlflow_client.create_experiment("bench")).info.run_id
         trackers = {"mlflow": MlflowTracker(uri, run_id), "none": NullTracker()}
-        times = {"mlflow": [], "none": []}
-        for epoch in range(epochs):
-            for kind, tracker in trackers.items():
-                start = time.perf_counter()
-                for _ in range(steps_per_epoch):
-                    _step(model, opt, x, y, pruner)
-                # What the engine logs per epoch (design.md §5).
-                tracker.log_metrics({k: float(epoch) for k in ("train_loss", "val_loss", "val_top1", "val_top5",
-                                                                "lr", "sparsity", "flops_pruned", "images_per_sec")},
-                                    step=epoch)
-                times[kind].append(time.perf_counter() - start)
+        ratios = []
+        for repeat in range(repeats):
+            times = {"mlflow": [], "none": []}
+            for epoch in range(repeat * epochs, (repeat + 1) * epochs):
+                for kind, tracker in trackers.items():
+                    start = time.perf_counter()
+                    for _ in range(steps_per_epoch):
+                        _step(model, opt, x, y, pruner)
+                    # What the engine logs per epoch (design.md §5).
+                    tracker.log_metrics({k: float(epoch) for k in ("train_loss", "val_loss", "val_top1", "val_top5",
+                                                                    "lr", "sparsity", "flops_pruned",
+                                                                    "images_per_sec")}, step=epoch)
+                    times[kind].append(time.perf_counter() - start)
+            ratios.append(statistics.median(times["mlflow"]) / statistics.median(times["none"]))
         mlflow_client.set_terminated(run_id)
-    return statistics.median(times["mlflow"]) / statistics.median(times["none"])
+    return ratios
 
 
 def _epoch_times(use_ray: bool, tmp: Path) -> tuple[list[float], float]:
@@ -102,7 +116,7 @@ def _epoch_times(use_ray: bool, tmp: Path) -> tuple[list[float], float]:
     sets = [f"name=bench-{name}", "experiment=bench", f"tracking.uri=sqlite:///{db}",
             f"checkpoint.storage_path={tmp / 'runs'}", f"scaling.use_ray={str(use_ray).lower()}",
             "scaling.num_workers=2", "scaling.cpus_per_worker=1", "model.name=resnet32", "model.num_classes=1000",
-            "data.name=synthetic", "data.image_size=32", "data.synthetic_samples=1536", "data.loader=torchvision",
+            "data.name=synthetic", "data.resolution=32", "data.synthetic_samples=1536", "data.loader=torchvision",
             "data.batch_size_per_worker=64", "prune.method=global_mp", "prune.sparsity=0.9", "model.pretrained=null",
             "train.epochs=5", "checkpoint.every_epochs=100", "tracking.log_checkpoint_artifact=false"]
     start = time.perf_counter()
@@ -117,31 +131,32 @@ def _epoch_times(use_ray: bool, tmp: Path) -> tuple[list[float], float]:
     return [samples_per_epoch / v for v in ips], wall
 
 
-def ray_vs_torch_epoch_ratio(rounds: int = 2) -> tuple[float, float, float]:
-    """Median steady-state epoch of Ray Train / of torch.distributed, runs alternating A B A B.
+def ray_vs_torch_epoch_ratios(rounds: int = MIN_REPEATS) -> tuple[list[float], float, float]:
+    """Per round (a Ray run and a torch.distributed run): median steady-state epoch of Ray / of torch.
 
     One run of each was not enough on a shared 2-core VM: epoch times of the same run drift by up to
-    30%, so a single pair could land anywhere between 1.0 and 1.26.
+    30%, so a single pair could land anywhere between 1.0 and 1.26; the figure is the median round.
     """
-    epochs: dict[str, list[float]] = {"ray": [], "torch": []}
+    ratios: list[float] = []
     startups: dict[str, list[float]] = {"ray": [], "torch": []}
     for round_ in range(rounds):
-        for name in ("ray", "torch"):
+        steady = {}
+        for name in ("ray", "torch") if round_ % 2 == 0 else ("torch", "ray"):  # A B, B A, ...: drift cancels
             with tempfile.TemporaryDirectory() as tmp:
                 times, wall = _epoch_times(name == "ray", Path(tmp))
-            epochs[name] += times[1:]  # epoch 0 includes warm-up
+            steady[name] = statistics.median(times[1:])  # epoch 0 includes warm-up
             startups[name].append(wall - sum(times))
-    ratio = statistics.median(epochs["ray"]) / statistics.median(epochs["torch"])
-    return ratio, statistics.median(startups["ray"]), statistics.median(startups["torch"])
+        ratios.append(steady["ray"] / steady["torch"])
+    return ratios, statistics.median(startups["ray"]), statistics.median(startups["torch"])
 
 
-def figures() -> dict:
-    ratio, ray_startup, torch_startup = ray_vs_torch_epoch_ratio()
+def figures(repeats: int = MIN_REPEATS) -> dict:
+    ratios, ray_startup, torch_startup = ray_vs_torch_epoch_ratios(repeats)
     print(f"   start-up (wall minus epochs): Ray Train {ray_startup:.1f} s, torch.distributed {torch_startup:.1f} s")
     return {
-        "masked_step_ratio": {"value": masked_step_ratio(), "target": 1.02, "better": "lower", "unit": "x"},
-        "mlflow_overhead_ratio": {"value": mlflow_overhead_ratio(), "target": 1.01, "better": "lower", "unit": "x"},
-        "ray_vs_torch_epoch_ratio": {"value": ratio, "target": 1.05, "better": "lower", "unit": "x"},
+        "masked_step_ratio": repeated(masked_step_ratios(repeats), 1.02, "lower", "x"),
+        "mlflow_overhead_ratio": repeated(mlflow_overhead_ratios(repeats), 1.01, "lower", "x"),
+        "ray_vs_torch_epoch_ratio": repeated(ratios, 1.05, "lower", "x"),
         "ray_startup_seconds": {"value": ray_startup, "target": None, "better": "lower", "unit": "s"},
         "torch_startup_seconds": {"value": torch_startup, "target": None, "better": "lower", "unit": "s"},
     }

@@ -19,11 +19,13 @@ from gmp_dist.errors import UserError
 SUBCOMMANDS = {
     "train": "Fine-tune (or pre-train) a model from a YAML config on Ray Train workers.",
     "prune": "Prune a checkpoint offline (Global MP + Minimum Threshold, or --method) and write a report.",
-    "data": "Convert a data set (imagenet, cifar10, har2, digits) into training files.",
+    "models": "List the model names model.name and --model accept.",
+    "data": "Convert a data set (imagenet, imagefolder, cifar10, har2, digits) into training files.",
     "report": "Plots and a markdown table comparing the runs of an MLflow experiment.",
     "export": "Write a compact sparse model (kept values + 1-bit masks).",
     "eval": "Evaluate a checkpoint or a sparse export on a config's validation data.",
     "sweep": "Run one training per grid point under one MLflow parent run.",
+    "study": "The paper's comparison: methods x sparsities, one-shot and fine-tuned, as a table and plots.",
     "demo": "The quickstart: dense digits CNN, one-shot Global MP at 90% with MT, 2 Ray workers.",
 }
 

@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,12 +27,25 @@ from gmp_dist.errors import UserError
 log = logging.getLogger(__name__)
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 
+# What Ray itself prints on the user's console. Our rank-0 lines go through our own "gmp_dist" logger
+# (its own handler, unaffected); worker tracebacks arrive as the error fit() raises, and as Ray's
+# ERROR-level lines. Ray's INFO/WARNING chatter is not for the user: per-report Train lines, the
+# placement-group cleaner's "Failed to query Ray Train Controller actor state" warnings (the state
+# API needs the dashboard, which a local run does not start), autoscaler tips.
+RAY_LOG_LEVEL = "ERROR"  # ray.init's LoggingConfig: the "ray" logger in every process of the job
+TRAIN_LOG_LEVEL = "WARNING"  # ray.train.LoggingConfig: Train's own console lines (its real warnings stay)
+QUIET_RAY_ENV = {
+    "RAY_SCHEDULER_EVENTS": "0",  # ray._private.ray_constants.AUTOSCALER_EVENTS: no "(autoscaler) Tip: ..." lines
+    "RAY_DEDUP_LOGS": "1",  # identical lines from the two workers are printed once
+}
 
 @contextlib.contextmanager
 def ray_session(cfg: RunConfig) -> Iterator[Callable[[RunConfig, Optional[str], Optional[str]], dict]]:
     """Join or start Ray and check the cluster can hold the workers (before any MLflow run opens); yields
     the function that trains. On the way out — also on SIGINT/SIGTERM — a Ray started here is shut down,
     and a joined cluster is left, so it stops the run's controller and workers with this driver."""
+    for key, value in QUIET_RAY_ENV.items():
+        os.environ.setdefault(key, value)  # read when ray is imported; a user's own setting wins
     import ray
 
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
@@ -59,7 +73,7 @@ def ray_session(cfg: RunConfig) -> Iterator[Callable[[RunConfig, Optional[str], 
 def run_with_ray(cfg: RunConfig, tracking_uri: Optional[str], run_id: Optional[str], *,
                  abort_on_stop: bool = True) -> dict:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():  # called directly, not through ray_session
@@ -73,13 +87,15 @@ def run_with_ray(cfg: RunConfig, tracking_uri: Optional[str], run_id: Optional[s
     trainer = _trainer_class(TorchTrainer)(
         _train_loop_per_worker,
         train_loop_config={"config_yaml": dump_config(cfg), "tracking_uri": tracking_uri, "run_id": run_id,
-                           "cwd": os.getcwd(), "scratch_prefix": _scratch_prefix(cfg)},
+                           "cwd": os.getcwd(), "scratch_prefix": _scratch_prefix(cfg),
+                           "progress": sys.stdout.isatty()},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RayRunConfig(
             name=cfg.name or "run", storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep)),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL)),
     )
     try:
         result = trainer.fit()
@@ -213,7 +229,8 @@ def _connect(ray, cfg: RunConfig) -> bool:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         try:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=logging.WARNING,
+                     logging_config=ray.LoggingConfig(log_level=RAY_LOG_LEVEL))
         except Exception as exc:  # ConnectionError and friends: a clear message, exit 2
             raise UserError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {exc}; start one with"
                             " `launch/local_cluster.sh start` or unset RAY_ADDRESS to run locally") from None
@@ -224,7 +241,7 @@ def _connect(ray, cfg: RunConfig) -> bool:
     # address="local": always a fresh instance, never silently joining another cluster on this machine.
     ray.init(address="local", num_cpus=_local_cpus(cfg), include_dashboard=False,
              object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1",
-             logging_level=logging.WARNING,
+             logging_level=logging.WARNING, logging_config=ray.LoggingConfig(log_level=RAY_LOG_LEVEL),
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}})
     return True
 
@@ -271,11 +288,19 @@ def _train_loop_per_worker(loop_config: dict) -> None:
         env = WorkerEnv(ctx=DistContext(rank, world_size, context.get_local_rank(), device),
                         tracker=make_tracker(loop_config["tracking_uri"], loop_config["run_id"], rank),
                         reporter=_RayReporter(), resume_from=resume_from, scratch_dir=scratch / "report",
-                        run_id=loop_config["run_id"], after_restore=after_restore)
+                        run_id=loop_config["run_id"], after_restore=after_restore,
+                        progress=_progress_bar() if loop_config.get("progress") else None)
         train(cfg, env)
     finally:
         download.close()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _progress_bar():
+    # A worker's stdout is a pipe to the driver; Ray's tqdm sends bar updates to the driver, which draws them.
+    from ray.experimental.tqdm_ray import tqdm
+
+    return tqdm
 
 
 class _RayReporter:

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from gmp_dist import storage
 from gmp_dist.config import RunConfig, dump_config, validate_config
 from gmp_dist.dist import DistContext, destroy_group, init_local_group
-from gmp_dist.engine.loop import WorkerEnv, configure_worker_logging, train
+from gmp_dist.engine.loop import WorkerEnv, configure_worker_logging, terminal_progress, train
 from gmp_dist.engine.state import CHECKPOINT_NAME
 from gmp_dist.errors import UserError
 from gmp_dist.tracking import make_tracker
@@ -139,7 +139,8 @@ def _worker(rank, world_size, port, config_yaml, tracking_uri, run_id) -> dict:
             env = WorkerEnv(ctx=ctx, tracker=make_tracker(tracking_uri, run_id, rank),
                             reporter=FolderReporter(run, cfg.checkpoint.num_to_keep),
                             resume_from=download.enter_context(storage.local_file(newest)) if newest else None,
-                            scratch_dir=scratch, run_id=run_id, after_restore=download.close)
+                            scratch_dir=scratch, run_id=run_id, after_restore=download.close,
+                            progress=terminal_progress())
             return train(cfg, env)
     finally:
         if world_size > 1:

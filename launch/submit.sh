@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Submit a training run to a Ray cluster: a thin wrapper of
+# Submit a training run (or a study) to a Ray cluster: a thin wrapper of
 #   ray job submit --working-dir . --runtime-env launch/runtime_env.yaml -- gmp-dist train CONFIG ...
 #
-# usage: launch/submit.sh [--no-wait] [--submission-id ID] [--address URL] CONFIG [gmp-dist train args, e.g. --set train.epochs=5]
+# usage: launch/submit.sh [--no-wait] [--submission-id ID] [--address URL] [--command train|study] CONFIG [args]
+#   args go to `gmp-dist COMMAND CONFIG`, e.g. --set train.epochs=5; a study needs --out DIR on shared storage
 #
 #   RAY_ADDRESS          the cluster's dashboard URL (default http://127.0.0.1:8265)
 #   RAY_AUTH_MODE        "token" when the cluster uses token authentication; set automatically when the
@@ -17,19 +18,22 @@
 # submitting when the config does not exist or the cluster does not answer.
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "submit.sh: error: $*" >&2; exit 2; }
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:8265}"
 NO_WAIT=0
 SUBMISSION_ID=""
+COMMAND="train"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --no-wait) NO_WAIT=1; shift ;;
     --submission-id) [[ $# -ge 2 ]] || die "--submission-id needs a value"; SUBMISSION_ID="$2"; shift 2 ;;
     --address) [[ $# -ge 2 ]] || die "--address needs a value"; ADDRESS="$2"; shift 2 ;;
+    --command) [[ $# -ge 2 ]] || die "--command needs a value"; COMMAND="$2"; shift 2
+               [[ "$COMMAND" == train || "$COMMAND" == study ]] || die "--command must be train or study, got $COMMAND" ;;
     --) shift; break ;;
     -*) die "unknown option $1 (options come before CONFIG; see --help)" ;;
     *) break ;;
@@ -92,7 +96,7 @@ echo "submitting $CONFIG_REL to $ADDRESS as job $SUBMISSION_ID" >&2
 set +e
 "$RAY_BIN" job submit --address "$ADDRESS" --submission-id "$SUBMISSION_ID" \
   --working-dir . --runtime-env launch/runtime_env.yaml ${WAIT_FLAG[@]+"${WAIT_FLAG[@]}"} \
-  -- env ${JOB_ENV[@]+"${JOB_ENV[@]}"} "${ENTRYPOINT[@]}" train "$CONFIG_REL" "$@"
+  -- env ${JOB_ENV[@]+"${JOB_ENV[@]}"} "${ENTRYPOINT[@]}" "$COMMAND" "$CONFIG_REL" "$@"
 SUBMIT_RC=$?
 set -e
 if [[ "$NO_WAIT" == 1 ]]; then

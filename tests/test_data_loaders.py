@@ -173,7 +173,7 @@ def test_imagenet_folder_reads_back_on_one_and_two_ranks(imagenet, kind) -> None
     src, out, readable = imagenet
     expected_x, expected_y = _expected_val(src, readable, 32, 40)
     train_labels = sorted(label for _, label in readable["train"])
-    cfg = config("imagenet", out, kind, batch_size_per_worker=3, val_batch_size_per_worker=2, image_size=32,
+    cfg = config("imagenet", out, kind, batch_size_per_worker=3, val_batch_size_per_worker=2, resolution=32,
                  val_resize=40)
     for world_size in (1, 2):
         ranks = [build_loaders(cfg, rank, world_size, CPU) for rank in range(world_size)]
@@ -198,7 +198,7 @@ def test_imagenet_folder_reads_back_on_one_and_two_ranks(imagenet, kind) -> None
 
 def test_imagenet_torchvision_reads_a_plain_imagefolder(imagenet) -> None:
     src, _, readable = imagenet
-    loaders = build_loaders(config("imagenet", src, "auto", batch_size_per_worker=4, image_size=24,
+    loaders = build_loaders(config("imagenet", src, "auto", batch_size_per_worker=4, resolution=24,
                                    val_resize=28), 0, 1, CPU)
     # No conversion: the corrupt files are still there, so they are in the set.
     assert loaders.kind == "torchvision" and loaders.num_val_samples == len(readable["val"]) + 1
@@ -257,7 +257,7 @@ def test_har2_batches_are_steps_by_signals(tmp_path) -> None:
 
 
 def test_synthetic_is_imagenet_shaped_and_deterministic() -> None:
-    cfg = config("synthetic", None, "auto", batch_size_per_worker=8, image_size=16, synthetic_samples=40)
+    cfg = config("synthetic", None, "auto", batch_size_per_worker=8, resolution=16, synthetic_samples=40)
     a, b = build_loaders(cfg, 1, 2, CPU), build_loaders(cfg, 1, 2, CPU)
     assert a.kind == "torchvision" and a.num_classes == 1000 and len(a.train) == 2
     check_contract(a, 8, (3, 16, 16))

@@ -134,15 +134,23 @@ def test_export_command_writes_a_sparse_file_and_prints_the_ratio(tmp_path, caps
         assert torch.equal(rebuilt[name], tensor)
 
 
-def test_export_of_a_checkpoint_without_masks_exits_2(tmp_path, capsys):
-    ckpt, _, _ = _training_checkpoint(tmp_path, masks=None)
-    assert main(["export", str(ckpt), "--out", str(tmp_path / "x.pt")]) == 2
-    err = capsys.readouterr().err
-    assert f"{ckpt} has no pruning masks" in err
-    assert not (tmp_path / "x.pt").exists()
-    plain = save_checkpoint(build_model("digits_cnn").state_dict(), tmp_path / "plain.pt")
-    assert main(["export", str(plain), "--out", str(tmp_path / "x.pt")]) == 2
-    assert "has no pruning masks" in capsys.readouterr().err
+def test_export_of_a_plain_state_dict_takes_masks_from_its_exact_zeros(tmp_path, capsys):
+    """The run folder's final.pt (and `gmp-dist prune --out`) is a plain state_dict: export accepts it."""
+    model = build_model("digits_cnn")
+    masks = _random_masks(model, density=0.1)
+    final = save_checkpoint(_masked(model.state_dict(), masks), tmp_path / "final.pt")
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  name: digits_cnn\n")
+    for extra in ([], ["--config", str(config)]):  # prunable names guessed (2-D+ weights) or from the model
+        out = tmp_path / f"final{len(extra)}.sparse.pt"
+        assert main(["export", str(final), "--out", str(out), *extra]) == 0, capsys.readouterr().err
+        exported = load_checkpoint(out)
+        assert sorted(exported["sparse"]) == sorted(masks)
+        for name, mask in masks_of(exported).items():
+            assert torch.equal(mask, masks[name])  # kept = non-zero, exactly
+        rebuilt = import_sparse(exported)
+        assert all(torch.equal(rebuilt[n], t) for n, t in load_checkpoint(final).items())
+        assert "from the state_dict" in capsys.readouterr().out
 
 
 def test_export_of_a_missing_file_exits_2(tmp_path, capsys):

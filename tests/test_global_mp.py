@@ -32,8 +32,27 @@ def _layers(seed: int, kind: str) -> list[torch.Tensor]:
 CASES = [(s, m, kind) for s in (0.0, 0.5, 0.9, 0.99) for m in (0, 5, 40) for kind in ("random", "ties", "zeros")]
 
 
+def _use_path(monkeypatch, path: str) -> None:
+    """``bracket``: the sampled one-pass decision as shipped; ``misled``: a 16-weight sample and no margin, so
+    the bracket often misses the cut and the radix fallback runs; ``radix``: the two rounds only."""
+    from gmp_dist.pruning import bracket, global_mp
+
+    if path == "misled":
+        monkeypatch.setattr(bracket, "SAMPLE_TARGET", 16)
+        monkeypatch.setattr(bracket, "MIN_LAYER_SAMPLES", 2)
+        monkeypatch.setattr(bracket, "Z_MARGIN", 0.0)
+        monkeypatch.setattr(bracket, "LAYER_Z_MARGIN", 0.0)
+    monkeypatch.setattr(global_mp, "BRACKET_FIRST", path != "radix")
+
+
+@pytest.fixture(params=["bracket", "misled", "radix"])
+def decision_path(request, monkeypatch):
+    _use_path(monkeypatch, request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("sparsity,min_weights,kind", CASES)
-def test_single_process_equals_brute_force(sparsity, min_weights, kind):
+def test_single_process_equals_brute_force(sparsity, min_weights, kind, decision_path):
     tensors = _layers(int(sparsity * 100) + min_weights, kind)
     n_total = sum(t.numel() for t in tensors)
     try:
@@ -53,7 +72,7 @@ def test_single_process_equals_brute_force(sparsity, min_weights, kind):
 @pytest.mark.parametrize("world_size,split", [(2, False), (3, True), (4, True)])
 @pytest.mark.parametrize("sparsity,min_weights,kind", [(0.5, 0, "ties"), (0.9, 40, "random"), (0.99, 5, "zeros"),
                                                        (0.9, 40, "ties"), (0.0, 0, "random")])
-def test_shards_agree_with_brute_force(world_size, split, sparsity, min_weights, kind):
+def test_shards_agree_with_brute_force(world_size, split, sparsity, min_weights, kind, decision_path):
     """Layers dealt to ranks whole (DDP ownership) or cut into contiguous pieces (sharded models)."""
     tensors = _layers(7 + world_size, kind)
     sizes = [t.numel() for t in tensors]
@@ -149,3 +168,43 @@ def test_chunked_threaded_passes_equal_brute_force(monkeypatch, kind):
     top = int((bits >> 16).mode().values)
     want = np.sort((bits[(bits >> 16) == top] & 0xFFFF).numpy())
     assert np.array_equal(np.sort(radix.lows_in_bin(big, top)), want)
+
+
+def test_misled_bracket_takes_both_paths(monkeypatch):
+    """The fallback is not dead code: a misleading sample sends some decisions to the radix rounds."""
+    from gmp_dist.pruning import bracket
+
+    _use_path(monkeypatch, "misled")
+    outcomes = []
+    real = bracket.decide_in_bracket
+    monkeypatch.setattr(bracket, "decide_in_bracket", lambda *a: outcomes.append(real(*a)) or outcomes[-1])
+    for sparsity, min_weights, kind in CASES:
+        tensors = _layers(int(sparsity * 100) + min_weights, kind)
+        try:
+            expected = brute_force_masks(tensors, sparsity, min_weights)
+        except AssertionError:
+            continue
+        masks, _ = global_magnitude_masks(tensors, sparsity, min_weights)
+        assert all(np.array_equal(got.numpy(), want) for got, want in zip(masks, expected))
+    taken = [found is not None for found in outcomes]
+    assert any(taken) and not all(taken)
+
+
+@pytest.mark.parametrize("sparsity,min_weights", [(0.9, 300), (0.5, 2000), (0.99, 50)])
+def test_bracket_on_resnet_like_scales(monkeypatch, sparsity, min_weights):
+    """Layers whose scales differ 100x (He init), so MT cuts fall above, inside and below the bracket."""
+    from gmp_dist.pruning import bracket
+
+    g = torch.Generator().manual_seed(5)
+    sizes = [(64, 3, 7, 7), (64, 64, 3, 3), (256, 64), (512, 512, 3, 3), (1000, 512), (37,), (64, 64, 1, 1)]
+    tensors = [torch.randn(shape, generator=g) * (2.0 / torch.Size(shape)[1:].numel()) ** 0.5 if len(shape) > 1
+               else torch.randn(shape, generator=g) * 1e-4 for shape in sizes]
+    outcomes = []
+    real = bracket.decide_in_bracket
+    monkeypatch.setattr(bracket, "decide_in_bracket", lambda *a: outcomes.append(real(*a)) or outcomes[-1])
+    masks, decision = global_magnitude_masks(tensors, sparsity, min_weights)
+    assert outcomes and outcomes[0] is not None  # the one-pass decision was taken
+    for got, want in zip(masks, brute_force_masks(tensors, sparsity, min_weights)):
+        assert np.array_equal(got.numpy(), want)
+    monkeypatch.setattr(bracket, "decide_in_bracket", lambda *a: None)
+    assert global_magnitude_masks(tensors, sparsity, min_weights)[1] == decision

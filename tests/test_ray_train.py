@@ -23,7 +23,7 @@ from gmp_dist.models import build_model
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-PID_OF_RANK = re.compile(r"pid=(\d+)\).*\[rank (\d+)\]")
+PID_OF_RANK = re.compile(r"rank (\d+) pid (\d+)")  # rank 0's "2 workers: rank 0 pid 123, rank 1 pid 456"
 
 
 def _dense(tmp_path: Path) -> Path:
@@ -54,9 +54,8 @@ def _run_and_kill(cmd: list[str], cwd: Path, kill_after: str, before_kill=None, 
     try:
         for line in proc.stdout:
             lines.append(line)
-            found = PID_OF_RANK.search(line)
-            if found:
-                pids.setdefault(int(found.group(2)), int(found.group(1)))
+            for rank, pid in PID_OF_RANK.findall(line):
+                pids.setdefault(int(rank), int(pid))
             if killed is None and "[rank 0]" in line and kill_after in line and 1 in pids:
                 if before_kill:
                     before_kill()
@@ -129,6 +128,12 @@ def test_quickstart_demo_end_to_end(tmp_path):
                            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--dense-epochs", "8",
                            "--finetune-epochs", "3"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    console = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(console) <= 60, "\n".join(console)  # rank 0's epoch lines, not Ray's
+    for noise in ("TrainingReport(", "Reporting training result", "Failed to query Ray Train Controller",
+                  "State API", "re-logged steps are skipped", "Tip: use `ray status`", "(autoscaler"):
+        assert not any(noise in line for line in console), noise
+    assert sum("[rank 0]" in line and " epoch " in line for line in console) == 3  # one line per epoch
     table = dict(re.findall(r"^(.+?)\s{2,}(\S+)$", proc.stdout, flags=re.M))
     assert float(table["top-1 after fine-tuning (%)"]) >= 95.0
     assert float(table["sparsity (measured)"]) >= 0.9

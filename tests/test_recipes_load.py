@@ -14,7 +14,8 @@ from gmp_dist.pruning.selection import prunable_parameters
 from gmp_dist.pruning.structured import column_masks
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("base"))
+# configs/study/ holds study configs (`gmp-dist study`), tested in test_study*.py.
+RECIPES = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.startswith("base") and p.parent.name != "study")
 PAPER_RECIPES = [p for p in RECIPES if p.parent.name != "quickstart"]
 
 # file stem: (epochs, global batch, lr, momentum, weight decay, nesterov, schedule, warmup, label smoothing)

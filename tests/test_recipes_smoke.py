@@ -2,7 +2,7 @@
 
 For each family the REAL recipe under configs/ is loaded and only the run size is overridden
 (``recipe_data.smoke_overrides``: 1 process, batch 2, ``train.max_steps_per_epoch=2``, no MLflow;
-ImageNet rows also ``data.image_size=64 data.val_resize=72``). The data are tiny generated files in the
+ImageNet rows also ``data.resolution=64 data.val_resize=72``). The data are tiny generated files in the
 data set's real on-disk format (ImageFolder JPEGs, CIFAR-10 pickles, UCI HAR text), converted with
 ``gmp-dist data``. Every row starts (``model.pretrained``) from a saved seeded model whose prunable
 tensors are all drawn from one N(0, 0.05^2); ``recipe_data.flatten_profile`` says why a raw fresh init
@@ -56,7 +56,7 @@ except ImportError:  # tests/ imported as a package
 pytestmark = pytest.mark.recipes
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-IMAGENET_SIZE = ["data.image_size=64", "data.val_resize=72"]
+IMAGENET_SIZE = ["data.resolution=64", "data.val_resize=72"]
 
 
 @pytest.fixture(scope="module")

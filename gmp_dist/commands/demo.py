@@ -60,8 +60,10 @@ def _demo(args: argparse.Namespace) -> int:
     from gmp_dist.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    print(f"\nOpen the runs: mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000, experiment"
-          f" 'quickstart')\nCheckpoints: {storage}")
+    # ?workflowType=machine_learning: MLflow 3's UI otherwise opens in its GenAI view (a browser preference).
+    print(f"\nOpen the runs: mlflow ui --backend-store-uri {uri}   (then"
+          f" http://127.0.0.1:5000/#/experiments?workflowType=machine_learning, experiment 'quickstart')"
+          f"\nCheckpoints: {storage}")
     return 0
 
 

@@ -1,8 +1,9 @@
 """`gmp-dist eval SOURCE --config CONFIG`: evaluate a model file on the config's validation data.
 
-SOURCE is a gmp-dist training checkpoint (its "model" entry), a plain state_dict (``final.pt``, the
-output of ``gmp-dist prune``) or a sparse export (``gmp-dist export``), local or in object storage
-(``s3://…``). One process, no Ray, no MLflow:
+SOURCE is any model source (``gmp_dist.model_sources``): a training checkpoint, a plain state_dict
+(``final.pt``, the output of ``gmp-dist prune``), a sparse export (``gmp-dist export``), an MLflow run id,
+``runs:/…`` or ``models:/<name>/<version>`` (read from ``tracking.uri``), or a file in object storage
+(``s3://…``, see ``gmp_dist.storage``). One process, no Ray:
 the model of ``model.name`` loads SOURCE strictly, then the engine's exact evaluation runs in float32 over
 every validation sample. Prints top-1/top-5 (percent), mean loss, and the sparsity and FLOPs pruned
 measured from the loaded weights; ``--json PATH`` writes the same numbers unrounded.
@@ -24,9 +25,9 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", metavar="CHECKPOINT_OR_EXPORT",
-                   help="a training checkpoint (.pt with a 'model' entry), a plain state_dict, or a sparse export"
-                        " written by `gmp-dist export`")
+    p.add_argument("source", metavar="SOURCE",
+                   help="a training checkpoint, a plain state_dict (final.pt), a sparse export, an MLflow run id,"
+                        " runs:/<run_id>/<path> or models:/<name>/<version>")
     p.add_argument("--config", required=True, metavar="CONFIG",
                    help="YAML run config: model.name (and kwargs) to build, data.* for the validation set")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -38,14 +39,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gmp_dist.checkpoint import load_checkpoint
     from gmp_dist.config import load_config
+    from gmp_dist.model_sources import read_model_source
 
     cfg = load_config(args.config, args.overrides)
     device = _device(args.device)
-    state = load_checkpoint(args.source)  # UserError (exit 2) for a missing, damaged or unsafe file
-    kind = _kind(state)
-    model = _load_model(cfg, state, args.source)
+    found = read_model_source(args.source, cfg.tracking.uri)  # UserError (exit 2) when it cannot be read
+    kind = found.kind
+    model = _load_model(cfg, found.state, found.where)
     metrics = {"source": str(args.source), "kind": kind, "model": cfg.model.name,
                **evaluate_model(cfg, model, device), **measured_sparsity(cfg, model)}
     print(f"{args.source} ({kind}, {cfg.model.name}) on {cfg.data.name} validation, {int(metrics['val_samples'])}"
@@ -70,7 +71,7 @@ def evaluate_model(cfg, model: torch.nn.Module, device: torch.device) -> dict:
 
 def measured_sparsity(cfg, model: torch.nn.Module) -> dict:
     """Zeros among the prunable weights (config's prune.exclude applied) and the FLOPs they remove."""
-    from gmp_dist.models import get_spec
+    from gmp_dist.models.configured import configured_input_shape
     from gmp_dist.models.flops import dense_macs, flops_pruned
     from gmp_dist.pruning.selection import prunable_parameters
 
@@ -78,16 +79,16 @@ def measured_sparsity(cfg, model: torch.nn.Module) -> dict:
     zeros = {name: int((p.detach() == 0).sum()) for name, p in params}
     total = sum(p.numel() for _, p in params)
     density = {name: 1.0 - zeros[name] / p.numel() for name, p in params if p.numel()}
-    macs = dense_macs(model, get_spec(cfg.model.name).input_shape, cfg.prune.exclude)
+    macs = dense_macs(model, configured_input_shape(cfg), cfg.prune.exclude)
     return {"sparsity": sum(zeros.values()) / total if total else 0.0, "zero_weights": sum(zeros.values()),
             "prunable_weights": total, "flops_pruned": flops_pruned(macs, density)}
 
 
 def _load_model(cfg, state: dict, source: str) -> torch.nn.Module:
     from gmp_dist.checkpoint import load_state_dict_checked
-    from gmp_dist.models import build_model
+    from gmp_dist.models.configured import build_configured_model
 
-    model = build_model(cfg.model.name, cfg.model.num_classes, **dict(cfg.model.kwargs))
+    model = build_configured_model(cfg)
     try:
         load_state_dict_checked(model, state, source=source, model_name=cfg.model.name)
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
@@ -97,19 +98,6 @@ def _load_model(cfg, state: dict, source: str) -> torch.nn.Module:
         raise UserError(f"{source} cannot be loaded into {cfg.model.name}: {exc} (expected a gmp-dist checkpoint,"
                         " a state_dict or a sparse export of this model)") from None
     return model
-
-
-def _kind(state: dict) -> str:
-    from gmp_dist.export import is_sparse_export
-
-    if is_sparse_export(state):
-        return "sparse export"
-    if isinstance(state.get("model"), dict):
-        return "training checkpoint"
-    if state.get("format") is not None:
-        raise UserError(f"unknown file format {state.get('format')!r}: expected a gmp-dist checkpoint, a state_dict"
-                        " or a gmp-dist-sparse export")
-    return "state_dict"
 
 
 def _device(requested: str) -> torch.device:

@@ -19,7 +19,7 @@ import torch
 
 from gmp_dist.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from gmp_dist.errors import UserError
-from gmp_dist.models import build_model, get_spec
+from gmp_dist.models import build_model, input_shape_of
 from gmp_dist.models.flops import dense_macs
 from gmp_dist.pruning.masks import resolve_min_weights
 from gmp_dist.pruning.methods import DataSource, PruneRequest, available, get_method
@@ -35,7 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pruning method: " + "; ".join(f"{i.name}: {i.summary}" for i in methods))
     p.add_argument("--config", metavar="CFG", help="a run config: its data section feeds data-driven methods"
                                                    " (snip), its prune.<method> section their options")
-    p.add_argument("--model", required=True, help="registry name (gmp_dist.models), e.g. resnet50, mobilenet_v1")
+    p.add_argument("--model", required=True,
+                   help="a registered name (resnet50, mobilenet_v1, ...), torchvision/<builder> (e.g."
+                        " torchvision/resnet18) or <module>:<callable> (your own builder); `gmp-dist models` lists them")
+    p.add_argument("--input-shape", type=parse_input_shape, default=None, metavar="C,H,W",
+                   help="one input sample without the batch dimension, for FLOPs; required for <module>:<callable>,"
+                        " default the model's own (3,224,224 for torchvision/...)")
     p.add_argument("--checkpoint", help="state_dict saved with torch.save (or a gmp-dist training checkpoint);"
                                         " without it the model's own initialisation, seeded by --seed")
     p.add_argument("--sparsity", type=float, required=True, help="fraction of prunable weights removed, 0 <= S < 1")
@@ -51,6 +56,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=int, help="override the model's number of classes")
     p.add_argument("--seed", type=int, default=0, help="seed for the initialisation when no --checkpoint, and for --method random's positions")
     p.add_argument("--out", required=True, help="output state_dict path (.pt); the report goes to the .json beside it")
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``"3,32,32"`` -> ``(3, 32, 32)``; argparse turns the ValueError into exit 2 naming the option."""
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape like 3,224,224") from None
+    if not shape or any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"{text!r}: every dimension must be a positive integer, e.g. 3,224,224")
+    return shape
 
 
 def _check_args(args: argparse.Namespace) -> Path:
@@ -70,7 +86,7 @@ def _check_args(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     out = _check_args(args)
-    spec = get_spec(args.model)
+    input_shape = input_shape_of(args.model, args.input_shape)
     torch.manual_seed(args.seed)
     model = build_model(args.model, num_classes=args.num_classes)
     if args.checkpoint:
@@ -85,13 +101,13 @@ def run(args: argparse.Namespace) -> int:
                  has_data=cfg is not None)
     data = _data_source(cfg) if method.info.needs_data else None
     result = method.decide(PruneRequest([n for n, _ in named], tensors, args.sparsity, min_weights, args.mt_mode,
-                                        args.seed, options, model, [p for _, p in named], tuple(spec.input_shape),
+                                        args.seed, options, model, [p for _, p in named], tuple(input_shape),
                                         data))
     with torch.no_grad():
         for (_, param), mask in zip(named, result.masks):
             param.mul_(mask)
     report = pruning_report(args.model, [n for n, _ in named], result.masks,
-                            dense_macs(model, spec.input_shape, args.exclude), min_weights, result.mt_bound,
+                            dense_macs(model, input_shape, args.exclude), min_weights, result.mt_bound,
                             result.threshold)
     report.update({"method": args.method, "target_sparsity": args.sparsity, "mt_mode": args.mt_mode,
                    "checkpoint": args.checkpoint})

@@ -185,7 +185,7 @@ def plan(config: str, overrides: Sequence[str], grid: Sequence[tuple[str, list[s
             cfg = load_config(config, [*overrides, *(f"{k}={v}" for k, v in combo)])
         except UserError as exc:
             raise UserError(f"grid point {label}: {exc}") from None
-        name = "-".join([base_name, *(f"{k}={_safe(v)}" for k, v in combo)])
+        name = "-".join([base_name, *(f"{k}={safe_name(v)}" for k, v in combo)])
         cfg = cfg.model_copy(update={"name": name, "tracking": cfg.tracking.model_copy(update={"run_name": name})})
         try:
             preflight(cfg)
@@ -201,7 +201,7 @@ def plan(config: str, overrides: Sequence[str], grid: Sequence[tuple[str, list[s
     return base, points
 
 
-def _safe(text: str) -> str:
+def safe_name(text: str) -> str:
     return _UNSAFE_NAME_CHARS.sub("_", text).strip("_") or "_"
 
 
@@ -222,15 +222,9 @@ def _prepare_data_once(points: Sequence[Point]) -> None:
 def run_sweep(base: RunConfig, points: Sequence[Point], grid: Sequence[tuple[str, list[str]]], *,
               concurrent: int = 1) -> list[Outcome]:
     """Open the parent run, train every point, close the parent with FINISHED/FAILED/KILLED."""
-    from gmp_dist.tracking import end_run, resolve_tracking_uri, start_run
+    from gmp_dist.tracking import end_run
 
-    uri = resolve_tracking_uri(base.tracking.uri) if base.tracking.enabled else None
-    parent_name = f"{base.name or 'run'}-sweep"
-    parent_cfg = base.model_copy(update={
-        "name": parent_name, "tracking": base.tracking.model_copy(update={"run_name": parent_name})})
-    parent = start_run(parent_cfg, extra_tags={TAG_SWEEP: json.dumps(dict(grid))})
-    if parent:
-        print(f"MLflow parent run {parent} ({parent_name}) in experiment {base.experiment!r}")
+    uri, parent = start_parent_run(base, "sweep", {TAG_SWEEP: json.dumps(dict(grid))})
     outcomes = [Outcome(point) for point in points]
     status = "FAILED"
     try:
@@ -239,20 +233,35 @@ def run_sweep(base: RunConfig, points: Sequence[Point], grid: Sequence[tuple[str
             _run_in_processes(outcomes, parent, concurrent)
         else:
             for outcome in outcomes:
-                _run_here(outcome, parent)
+                run_point(outcome, parent)
         status = "FINISHED" if all(o.status == "FINISHED" for o in outcomes) else "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         if uri is not None and parent is not None:
-            _tag_children(uri, base.experiment, parent, outcomes)
+            tag_children(uri, base.experiment, parent, outcomes)
             _log_table(uri, parent, grid, outcomes)
             end_run(uri, parent, status)
     return outcomes
 
 
-def _run_here(outcome: Outcome, parent: Optional[str]) -> None:
+def start_parent_run(base: RunConfig, suffix: str, tags: dict) -> tuple[Optional[str], Optional[str]]:
+    """The parent run ``<name>-<suffix>`` of a sweep or study: (tracking URI, run id), both None when tracking is off."""
+    from gmp_dist.tracking import resolve_tracking_uri, start_run
+
+    uri = resolve_tracking_uri(base.tracking.uri) if base.tracking.enabled else None
+    parent_name = f"{base.name or 'run'}-{suffix}"
+    parent_cfg = base.model_copy(update={
+        "name": parent_name, "tracking": base.tracking.model_copy(update={"run_name": parent_name})})
+    parent = start_run(parent_cfg, extra_tags=tags)
+    if parent:
+        print(f"MLflow parent run {parent} ({parent_name}) in experiment {base.experiment!r}")
+    return uri, parent
+
+
+def run_point(outcome: Outcome, parent: Optional[str]) -> None:
+    """Train one point in this process as a child of ``parent``; a failure is recorded, an interrupt re-raised."""
     from gmp_dist.commands.train import run_training, summary_line
 
     point = outcome.point
@@ -344,7 +353,7 @@ def _warn_if_many_rays(points: Sequence[Point]) -> None:
 
 # ----- MLflow bookkeeping and the table -----------------------------------------------------------------
 
-def _tag_children(uri: str, experiment: str, parent: str, outcomes: Sequence[Outcome]) -> None:
+def tag_children(uri: str, experiment: str, parent: str, outcomes: Sequence[Outcome]) -> None:
     """Fill in the run ids of failed points (found by parent tag and name) and tag every child's point."""
     from gmp_dist.reporting.collect import search_all
     from gmp_dist.tracking.runs import client

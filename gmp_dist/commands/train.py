@@ -17,7 +17,7 @@ import torch
 
 from gmp_dist.config import RunConfig, load_config
 from gmp_dist.errors import UserError
-from gmp_dist.models import build_model
+from gmp_dist.models.configured import build_configured_model, configured_input_shape
 from gmp_dist.pruning.masks import resolve_min_weights
 from gmp_dist.pruning.selection import prunable_parameters
 from gmp_dist.signals import stop_on_signals
@@ -51,7 +51,8 @@ def preflight(cfg: RunConfig) -> None:
     from gmp_dist.data.loaders import prepare_data, resolve_data_dir
 
     with torch.device("meta"):  # shapes only
-        model = build_model(cfg.model.name, cfg.model.num_classes, **cfg.model.kwargs)
+        model = build_configured_model(cfg)
+    configured_input_shape(cfg)  # a <module>:<callable> without model.input_shape stops here
     pretrained = cfg.model.pretrained
     if pretrained and ":" not in pretrained.split("/")[0] and not Path(pretrained).is_file():
         raise UserError(f"model.pretrained: file {pretrained} does not exist (give a state_dict path,"
@@ -99,8 +100,10 @@ def run_training(cfg: RunConfig, parent_run_id: Optional[str] = None) -> dict:
             run_id = _resumed_run_id(cfg, uri) or _new_run(cfg, parent_run_id)
             result = launch(cfg, uri, run_id)
             final = _publish_final(cfg, uri, run_id)
+            model_uri = _log_mlflow_model(cfg, uri, run_id, final) if final and not result.get("stopped_early") \
+                else None
             status = "FINISHED"
-            return {**result, "run_id": run_id, "final_model": final}
+            return {**result, "run_id": run_id, "final_model": final, "model_uri": model_uri}
         except KeyboardInterrupt:  # Ctrl-C, or SIGINT/SIGTERM through gmp_dist.signals
             status = "KILLED"
             raise
@@ -179,6 +182,18 @@ def _publish_final(cfg: RunConfig, uri: Optional[str], run_id: Optional[str]) ->
 
             log_final_checkpoint(MlflowTracker(uri, run_id), local)  # as checkpoint/final.pt
     return str(final)
+
+
+def _log_mlflow_model(cfg: RunConfig, uri: Optional[str], run_id: Optional[str], final: str) -> Optional[str]:
+    """Log ``final.pt`` (pruned weights exact zeros) as the run's MLflow Model, registered when asked."""
+    if uri is None or run_id is None or not cfg.tracking.log_model:
+        return None
+    from gmp_dist.checkpoint import load_checkpoint, load_state_dict_checked
+    from gmp_dist.tracking.models import log_final_model
+
+    model = build_configured_model(cfg)
+    load_state_dict_checked(model, load_checkpoint(final), source=str(final), model_name=cfg.model.name)
+    return log_final_model(uri, run_id, model, configured_input_shape(cfg), cfg.tracking.registered_model_name)
 
 
 def _user_error_in(exc: BaseException) -> Optional[BaseException]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from gmp_dist.config.schema import RunConfig
 from gmp_dist.errors import UserError
 
+ModelT = TypeVar("ModelT", bound=BaseModel)
 _YAML_BOOL_WORDS = {"on", "off", "yes", "no", "y", "n", "true", "false"}
 
 
@@ -31,9 +32,14 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> RunCo
 
 
 def validate_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
-    problems = _key_problems(raw, RunConfig, prefix="")
+    return validate_model(raw, RunConfig, source)
+
+
+def validate_model(raw: Any, model: type[ModelT], source: str = "<config>") -> ModelT:
+    """Validate ``raw`` as ``model``, every problem (unknown keys with hints, types, ranges) in one UserError."""
+    problems = _key_problems(raw, model, prefix="")
     try:
-        cfg = RunConfig.model_validate(raw)
+        cfg = model.model_validate(raw)
     except ValidationError as exc:
         # Unknown keys are already reported above, with a did-you-mean hint.
         problems += [_describe(err, raw) for err in exc.errors() if err["type"] != "extra_forbidden"]
@@ -43,6 +49,16 @@ def validate_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
     raise UserError(
         f"invalid config {source}: {len(problems)} problem(s)\n  - " + "\n  - ".join(problems)
     )
+
+
+def read_config_data(path: Path) -> dict[str, Any]:
+    """The raw mapping of a YAML run config with its ``base:`` chain merged (not yet validated)."""
+    return _read_with_bases(Path(path), seen=())
+
+
+def merge_bases(data: dict[str, Any], folder: Path, source: Path) -> dict[str, Any]:
+    """Merge an in-memory mapping's ``base:`` (a path relative to ``folder``) under it, as a file's would be."""
+    return _merged_with_base(dict(data), folder, (source.resolve(),), source)
 
 
 def dump_config(cfg: RunConfig) -> str:
@@ -76,12 +92,16 @@ def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         raise UserError(f"config {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise UserError(f"config {path} must be a YAML mapping of sections, got {type(data).__name__}")
+    return _merged_with_base(data, path.parent, seen + (path.resolve(),), path)
+
+
+def _merged_with_base(data: dict[str, Any], folder: Path, seen: tuple[Path, ...], source: Path) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
     if not isinstance(base, str):
-        raise UserError(f"config {path}: 'base' must be a relative path string, got {base!r}")
-    parent = _read_with_bases((path.parent / base), seen + (path.resolve(),))
+        raise UserError(f"config {source}: 'base' must be a relative path string, got {base!r}")
+    parent = _read_with_bases((folder / base), seen)
     parent.pop("name", None)
     return _deep_merge(parent, data)
 
@@ -96,6 +116,12 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> None:
+    """Apply ``--set key.sub=value`` items to a raw mapping in place (values parsed as YAML)."""
+    for item in overrides:
+        _apply_override(raw, item)
+
+
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key:
@@ -104,6 +130,11 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
         value = text
+    set_key(raw, key, value)
+
+
+def set_key(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted ``key`` (``prune.sparsity``) in a raw mapping, creating sections on the way."""
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
@@ -135,12 +166,23 @@ def _key_problems(raw: Any, model: type[BaseModel], prefix: str) -> list[str]:
         sub = _section_type(fields[key].annotation)
         if sub is not None:
             problems.extend(_key_problems(value, sub, f"{prefix}{key}."))
+        item = _list_item_type(fields[key].annotation)
+        if item is not None and isinstance(value, list):
+            for i, entry in enumerate(value):
+                problems.extend(_key_problems(entry, item, f"{prefix}{key}.{i}."))
     return problems
 
 
 def _section_type(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
+    return None
+
+
+def _list_item_type(annotation: Any) -> type[BaseModel] | None:
+    """``list[Section]`` -> ``Section`` (its items' unknown keys get the same did-you-mean report)."""
+    if get_origin(annotation) is list and get_args(annotation):
+        return _section_type(get_args(annotation)[0])
     return None
 
 

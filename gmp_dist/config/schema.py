@@ -22,17 +22,21 @@ Float = float
 
 
 class ModelCfg(Section):
+    # A registered name (`gmp-dist models`), "torchvision/<builder>", or "<module>:<callable>".
     name: str = "digits_cnn"
-    # Local path to a state_dict, "torchvision:<WeightsEnum.NAME>", or an MLflow artifact URI
-    # ("runs:/<run_id>/<path>", "models:/...", "mlflow-artifacts:/...").
+    # Local path to a state_dict, "torchvision:<WeightsEnum.NAME>", or an MLflow URI
+    # ("runs:/<run_id>/<path>", "models:/<name>/<version>", "mlflow-artifacts:/...").
     pretrained: Optional[str] = None
     num_classes: Optional[int] = Field(default=None, ge=1)
+    # One input sample without the batch dimension, e.g. [3, 224, 224]; required for <module>:<callable>,
+    # defaults to the model's own (3x224x224 for torchvision/...). FLOPs and the MLflow signature use it.
+    input_shape: Optional[list[int]] = Field(default=None, min_length=1)
     # Extra keyword arguments for the model constructor (e.g. {"dropout": 0.3}).
     kwargs: dict[str, object] = Field(default_factory=dict)
 
 
 class DataCfg(Section):
-    name: Literal["digits", "imagenet", "cifar10", "har2", "synthetic"] = "digits"
+    name: Literal["digits", "imagenet", "imagefolder", "cifar10", "har2", "synthetic"] = "digits"
     # Folder that holds the converted files (train/val .beton or tensors). None: the data
     # set's default under ./data/<name> (digits is converted on first use).
     path: Optional[str] = None
@@ -42,9 +46,11 @@ class DataCfg(Section):
     num_workers: int = Field(default=0, ge=0)
     os_cache: bool = True
     batches_ahead: int = Field(default=3, ge=1)
-    # ImageNet resolution used for training crops and for validation.
-    image_size: int = Field(default=224, ge=8)
-    val_resize: int = Field(default=256, ge=8)
+    # imagenet/imagefolder/synthetic: the training crop and validation size in pixels.
+    resolution: int = Field(default=224, ge=8)
+    # Validation images are resized to this (short side), then centre-cropped to data.resolution;
+    # None: resolution x 256/224, the ImageNet convention.
+    val_resize: Optional[int] = Field(default=None, ge=8)
     # Synthetic data only: how many samples to generate.
     synthetic_samples: int = Field(default=512, ge=8)
 
@@ -158,6 +164,10 @@ class TrackingCfg(Section):
     uri: Optional[str] = None
     run_name: Optional[str] = None
     log_checkpoint_artifact: bool = True
+    # Log the final masked model as the run's MLflow Model "model" (off: e.g. benchmarks timing the loop only).
+    log_model: bool = True
+    # Register the final model (the run's MLflow Model "model") as a new version of this registered model.
+    registered_model_name: Optional[str] = Field(default=None, min_length=1)
 
 
 class CheckpointCfg(Section):

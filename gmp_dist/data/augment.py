@@ -80,7 +80,7 @@ def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 def batch_transform(dataset: str, train: bool, device: torch.device, seed: int,
                     rank: int) -> Optional[BatchTransform]:
     """The device-side transform of ``dataset``'s batches; None when batches are ready as they are."""
-    if dataset in ("imagenet", "synthetic"):
+    if dataset in ("imagenet", "imagefolder", "synthetic"):
         return Normalize(IMAGENET_MEAN, IMAGENET_STD, device)
     if dataset == "cifar10":
         return CifarTrainAugment(device, seed, rank) if train else Normalize(CIFAR_MEAN, CIFAR_STD, device)

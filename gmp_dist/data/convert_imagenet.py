@@ -148,7 +148,9 @@ class ImageSamples:
 
 
 def convert_imagenet(src: Path, out: Path, *, overwrite: bool = False,
-                     options: ImageNetOptions = ImageNetOptions()) -> ConversionResult:
+                     options: ImageNetOptions = ImageNetOptions(), dataset: str = "imagenet") -> ConversionResult:
+    """Convert a class-per-folder tree; ``dataset`` ("imagenet" or "imagefolder") is what the manifest
+    records, so ``data.name`` must name the same."""
     src, out = Path(src).resolve(), Path(out)
     classes, index = scan_source(src)
     with_ffcv = ffcv_available()
@@ -185,12 +187,12 @@ def convert_imagenet(src: Path, out: Path, *, overwrite: bool = False,
                         "run `make ffcv` and convert again with --overwrite for .beton files")
         write_json(outputs.path(CLASSES), {name: i for i, name in enumerate(classes)})
         write_json(outputs.path(MANIFEST), manifest(
-            "imagenet", num_classes=len(classes), input_shape=None,
+            dataset, num_classes=len(classes), input_shape=None,
             num_train=len(index["train"].samples), num_val=len(index["val"].samples),
             betons=with_ffcv, arrays=False, source=str(src), skipped=skipped,
             settings=asdict(options) | {"write_mode": "proportion"}))
         files = outputs.commit()
-    if len(classes) != SPECS["imagenet"].num_classes:
+    if dataset == "imagenet" and len(classes) != SPECS["imagenet"].num_classes:
         log.info("%d classes (ImageNet has %d); models get num_classes from the manifest", len(classes),
                  SPECS["imagenet"].num_classes)
     return ConversionResult(out, files, len(index["train"].samples), len(index["val"].samples),

@@ -47,7 +47,7 @@ def arrays_name(split: str) -> str:
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    num_classes: int
+    num_classes: Optional[int]  # None: as many as the class folders found (the manifest says)
     # Shape of one training input as the model sees it; None where it depends on the config.
     input_shape: Optional[tuple[int, ...]]
     # The `gmp-dist data` command that produces the files (for error messages).
@@ -57,11 +57,16 @@ class DatasetSpec:
 SPECS: dict[str, DatasetSpec] = {
     "imagenet": DatasetSpec("imagenet", 1000, None,
                             "gmp-dist data imagenet --src /path/to/imagenet --out {path}"),
+    "imagefolder": DatasetSpec("imagefolder", None, None, "gmp-dist data imagefolder --src /path/to/tree --out {path}"),
     "cifar10": DatasetSpec("cifar10", 10, (3, 32, 32), "gmp-dist data cifar10 --src /path/to/cifar --out {path}"),
     "har2": DatasetSpec("har2", 2, (128, 9), "gmp-dist data har2 --src '/path/to/UCI HAR Dataset' --out {path}"),
     "digits": DatasetSpec("digits", 10, (1, 8, 8), "gmp-dist data digits --out {path}"),
     "synthetic": DatasetSpec("synthetic", 1000, None, ""),
 }
+
+
+# Class-per-folder JPEG trees: same converter, loaders and ImageNet normalisation.
+IMAGE_FOLDER_DATASETS = ("imagenet", "imagefolder")
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 
 from gmp_dist.data.batches import LoaderRequest, Loaders
-from gmp_dist.data.formats import (FFCV_HOW_TO, SPECS, default_data_dir, ffcv_import_error, has_betons,
+from gmp_dist.data.formats import (FFCV_HOW_TO, IMAGE_FOLDER_DATASETS, SPECS, default_data_dir, ffcv_import_error, has_betons,
                                    missing_data_error, read_manifest)
 from gmp_dist.errors import UserError
 
@@ -38,7 +38,7 @@ def prepare_data(cfg: Any) -> Optional[dict[str, Any]]:
         convert_digits(folder, overwrite=True)
         manifest = read_manifest(folder)
     if manifest is None:
-        if name == "imagenet" and (folder / "train").is_dir() and (folder / "val").is_dir():
+        if name in IMAGE_FOLDER_DATASETS and (folder / "train").is_dir() and (folder / "val").is_dir():
             return None  # a plain ImageFolder: the torchvision loader reads it directly
         raise missing_data_error(name, folder)
     if manifest.get("dataset") != name:
@@ -85,7 +85,7 @@ def build_loaders(cfg: Any, rank: int, world_size: int, device: torch.device) ->
         device=torch.device(device), seed=cfg.train.seed, batch_size_per_worker=data.batch_size_per_worker,
         val_batch_size_per_worker=data.val_batch_size_per_worker or data.batch_size_per_worker,
         num_workers=data.num_workers, os_cache=data.os_cache, batches_ahead=data.batches_ahead,
-        image_size=data.image_size, val_resize=data.val_resize, synthetic_samples=data.synthetic_samples)
+        image_size=data.resolution, val_resize=data.val_resize or round(data.resolution * 256 / 224), synthetic_samples=data.synthetic_samples)
     if kind == "ffcv":
         from gmp_dist.data.loaders_ffcv import build_ffcv_loaders
 

@@ -38,7 +38,8 @@ from gmp_dist.data.batches import (DeviceBatches, LoaderRequest, Loaders, train_
                                    val_batches_per_rank, val_indices)
 from gmp_dist.data.ffcv_ops import FlipNormalize
 from gmp_dist.data.files import available_cpus, worker_cpus
-from gmp_dist.data.formats import IMAGENET_MEAN, IMAGENET_STD, SPECS, beton_name, preserve_torch_threads
+from gmp_dist.data.formats import (IMAGE_FOLDER_DATASETS, IMAGENET_MEAN, IMAGENET_STD, SPECS, beton_name,
+                                   preserve_torch_threads)
 from gmp_dist.data.writers import ARRAY_FIELD, IMAGE_FIELD, LABEL_FIELD
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def _label_pipeline(device: torch.device) -> list[Any]:
 
 def _input_pipeline(req: LoaderRequest, train: bool) -> tuple[str, list[Any]]:
     device = req.device
-    if req.dataset == "imagenet":
+    if req.dataset in IMAGE_FOLDER_DATASETS:
         size = (req.image_size, req.image_size)
         decoder = (RandomResizedCropRGBImageDecoder(size) if train
                    # Resize(val_resize) + CenterCrop(image_size) == a centred crop of image_size/val_resize
@@ -159,7 +160,7 @@ def _val_loader(path: str, req: LoaderRequest, inputs: list[Any], field: str,
 
 
 def _normalises_in_pipeline(req: LoaderRequest) -> bool:
-    return req.dataset == "imagenet" and req.device.type == "cpu"
+    return req.dataset in IMAGE_FOLDER_DATASETS and req.device.type == "cpu"
 
 
 def _device_transform(req: LoaderRequest, train: bool):
@@ -169,7 +170,7 @@ def _device_transform(req: LoaderRequest, train: bool):
 
 
 def _input_shape(req: LoaderRequest) -> tuple[int, ...]:
-    if req.dataset == "imagenet":
+    if req.dataset in IMAGE_FOLDER_DATASETS:
         return (3, req.image_size, req.image_size)
     shape = SPECS[req.dataset].input_shape
     assert shape is not None

@@ -14,7 +14,7 @@ from torch.utils.data import BatchSampler, DataLoader, Subset
 from gmp_dist.data.augment import batch_transform
 from gmp_dist.data.batches import (AutoEpochSampler, DeviceBatches, FixedBatches, LoaderRequest, Loaders,
                                    TensorBatches, train_batches_per_rank, val_indices)
-from gmp_dist.data.formats import SPECS, arrays_name
+from gmp_dist.data.formats import IMAGE_FOLDER_DATASETS, SPECS, arrays_name
 from gmp_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ _DEVICE_RESIDENT_MAX_BYTES = 1 << 30
 
 
 def build_torch_loaders(req: LoaderRequest) -> Loaders:
-    if req.dataset == "imagenet":
+    if req.dataset in IMAGE_FOLDER_DATASETS:
         return _imagefolder_loaders(req)
     train, val = _synthetic_tensors(req) if req.dataset == "synthetic" else (
         _load_arrays(req, "train"), _load_arrays(req, "val"))

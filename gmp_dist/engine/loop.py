@@ -14,19 +14,19 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 import torch.nn as nn
 
 from gmp_dist.config import RunConfig
 from gmp_dist.data import build_loaders
-from gmp_dist.dist import DistContext
+from gmp_dist.dist import DistContext, TorchCollective
 from gmp_dist.engine.evaluate import evaluate
 from gmp_dist.engine.events import PruningController
 from gmp_dist.engine.optim import build_optimizer, build_scheduler
 from gmp_dist.engine.state import restore_training_state, write_training_checkpoint
-from gmp_dist.models import build_model, get_spec
+from gmp_dist.models.configured import build_configured_model, configured_input_shape
 from gmp_dist.models.flops import dense_macs
 from gmp_dist.models.pretrained import load_pretrained
 from gmp_dist.pruning.methods import DataSource
@@ -52,6 +52,9 @@ class WorkerEnv:
     tracker: Tracker = field(default_factory=NullTracker)
     reporter: Reporter = field(default_factory=NullReporter)
     resume_from: Optional[Path] = None  # a checkpoint file to continue from
+    # Rank 0's progress bar over one epoch's steps (tqdm-like: total=, desc=, update(), close()); None: no bar.
+    # Set only when the user's stdout is a terminal, so CI logs never get one.
+    progress: Optional[Callable[..., Any]] = None
     scratch_dir: Path = Path(".")  # where rank 0 writes a checkpoint before reporting it
     run_id: Optional[str] = None
     after_restore: Optional[Callable[[], None]] = None  # e.g. delete a downloaded copy of resume_from
@@ -68,18 +71,36 @@ class RunState:
 
 
 def configure_worker_logging(rank: int) -> None:
-    """Our INFO lines with the rank in front; other libraries (Ray's internals) stay at WARNING."""
+    """Rank 0's INFO lines (one per epoch) and every rank's warnings and errors, with the rank in front;
+    other libraries (Ray's internals) stay at WARNING."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
                                            "%H:%M:%S"))
     package = logging.getLogger("gmp_dist")
     package.handlers[:] = [handler]
-    package.setLevel(logging.INFO)
+    package.setLevel(logging.INFO if rank == 0 else logging.WARNING)  # N ranks would repeat rank 0's lines
     package.propagate = False
-    for noisy in ("ray.train", "ray.tune", "ray.data"):  # per-report INFO lines from Ray Train's internals
+    # Everything else in a worker at WARNING: Ray Train configures the root logger at INFO, and some of its
+    # per-report lines ("Reporting training result N: TrainingReport(...)") come from loggers named by file
+    # path, outside "ray.*", so only the root level catches them.
+    logging.getLogger().setLevel(logging.WARNING)
+    for noisy in ("ray.train", "ray.tune", "ray.data"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # In-channel-1 convs are both contiguous and channels_last; DDP's stride notice about them is noise.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+
+
+def terminal_progress() -> Optional[Callable[..., Any]]:
+    """tqdm, when this process writes to a terminal; None in CI logs and pipes."""
+    import sys
+
+    if not sys.stdout.isatty():
+        return None
+    from functools import partial
+
+    from tqdm import tqdm
+
+    return partial(tqdm, leave=False, unit="step", dynamic_ncols=True)
 
 
 def train(cfg: RunConfig, env: WorkerEnv) -> dict:
@@ -111,19 +132,23 @@ def determinism(enabled: bool):
 
 def _train(cfg: RunConfig, env: WorkerEnv) -> dict:
     ctx = env.ctx
+    if ctx.world_size > 1:  # one line that says which process is which (to debug, profile or kill one)
+        pids = TorchCollective(ctx).allgather(os.getpid())
+        if ctx.is_main:
+            log.info("%d workers: %s", ctx.world_size, ", ".join(f"rank {r} pid {p}" for r, p in enumerate(pids)))
     torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
-    spec = get_spec(cfg.model.name)
-    model = build_model(cfg.model.name, cfg.model.num_classes, **cfg.model.kwargs)
+    model = build_configured_model(cfg)
     if cfg.model.pretrained:
-        load_pretrained(model, cfg.model.pretrained, cfg.model.name)
-    macs = dense_macs(model, spec.input_shape, cfg.prune.exclude)
+        load_pretrained(model, cfg.model.pretrained, cfg.model.name, cfg.tracking.uri)
+    input_shape = configured_input_shape(cfg)
+    macs = dense_macs(model, input_shape, cfg.prune.exclude)
     model.to(ctx.device)
     if _channels_last(cfg, ctx):
         model.to(memory_format=torch.channels_last)
     loaders = build_loaders(cfg, ctx.rank, ctx.world_size, ctx.device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     # Data-driven methods (SNIP) score on this rank's training batches, through the unwrapped model.
-    controller = PruningController(cfg.prune, model, cfg.model.name, ctx, macs, spec.input_shape,
+    controller = PruningController(cfg.prune, model, cfg.model.name, ctx, macs, input_shape,
                                    DataSource(lambda: loaders.train, loss_fn), cfg.train.seed)
     net = _wrap_ddp(model, ctx)
     if cfg.train.compile:
@@ -136,6 +161,9 @@ def _train(cfg: RunConfig, env: WorkerEnv) -> dict:
         restore_training_state(env.resume_from, model, optimizer, scheduler, controller, state, ctx)
         if env.after_restore is not None:
             env.after_restore()
+        if ctx.is_main and getattr(env.tracker, "logged_values", 0):
+            log.info("MLflow run %s already holds %d metric values from before the restart; re-logged steps are"
+                     " skipped", env.run_id, env.tracker.logged_values)
 
     if state.epoch == 0 and controller.is_event(0, "epoch"):  # one-shot (or the first gradual) event
         report = controller.prune(0, optimizer)
@@ -153,7 +181,15 @@ def _train(cfg: RunConfig, env: WorkerEnv) -> dict:
             if ctx.is_main:
                 log_layer_artifacts(env.tracker, report)
         lr = optimizer.param_groups[0]["lr"]
-        train_stats = train_one_epoch(net, loaders.train, optimizer, loss_fn, controller, state, cfg, ctx, autocast)
+        steps = min(cfg.train.max_steps_per_epoch or len(loaders.train), len(loaders.train))
+        bar = env.progress(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}") \
+            if env.progress and ctx.is_main else None
+        try:
+            train_stats = train_one_epoch(net, loaders.train, optimizer, loss_fn, controller, state, cfg, ctx, autocast,
+                                          bar)
+        finally:
+            if bar is not None:
+                bar.close()
         scheduler.step()
         val = evaluate(net, loaders.val, ctx, autocast)
         state.epoch = epoch + 1
@@ -183,7 +219,7 @@ def _train(cfg: RunConfig, env: WorkerEnv) -> dict:
 
 
 def train_one_epoch(net, batches, optimizer, loss_fn, controller: PruningController, state: RunState,
-                    cfg: RunConfig, ctx: DistContext, autocast) -> dict:
+                    cfg: RunConfig, ctx: DistContext, autocast, bar=None) -> dict:
     net.train()
     # The loss is summed on the device and read back only at log points and at the end: a float() per
     # step would wait for the device every step.
@@ -205,7 +241,9 @@ def train_one_epoch(net, batches, optimizer, loss_fn, controller: PruningControl
         samples += targets.numel()
         steps += 1
         state.global_step += 1
-        if ctx.is_main and steps % cfg.train.log_every_steps == 0:
+        if bar is not None:
+            bar.update(1)
+        elif ctx.is_main and steps % cfg.train.log_every_steps == 0:
             log.info("  step %d/%d  loss %.4f", steps, max_steps or len(batches), float(loss_sum) / samples)
         if max_steps is not None and steps >= max_steps:
             break
@@ -223,7 +261,7 @@ def _wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:
 
 def _channels_last(cfg: RunConfig, ctx: DistContext) -> bool:
     if cfg.train.channels_last == "auto":
-        return ctx.device.type == "cuda" and len(get_spec(cfg.model.name).input_shape) == 3
+        return ctx.device.type == "cuda" and len(configured_input_shape(cfg)) == 3
     return cfg.train.channels_last == "on"
 
 

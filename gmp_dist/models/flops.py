@@ -6,6 +6,11 @@ MACs per sample, a linear in*out per sample (per token); BN, activations, poolin
 are ignored. A pruned network costs sum(dense MACs x layer density), and
 FLOPs pruned = 1 - sparse/dense. Dense references: ResNet-50 4.09G, MobileNet-V1 569M.
 
+``nn.MultiheadAttention`` applies its projections functionally (its ``out_proj`` Linear never runs its
+own forward), so a hook on the attention module counts them: each input projection once per token of
+the sequence it projects, ``out_proj`` once per query token. The attention products themselves
+(QK^T, AV) are not conv/linear weights and are not counted, as BN and additions are not.
+
 Tensors that no hook can see (FastGRNN's matmuls) are reported by their module through a
 ``gmp_macs() -> {local parameter name: MACs per sample of the latest forward}`` method.
 """
@@ -42,7 +47,15 @@ def dense_macs(model: nn.Module, input_shape: tuple[int, ...], exclude: Iterable
         positions = math.prod(output.shape[2:]) if isinstance(module, _CONV) else math.prod(output.shape[1:-1])
         macs[name] += module.weight.numel() * positions  # weight.numel() = k*k*Cin/groups*Cout
 
+    def attention_hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, _output) -> None:
+        for local, count in _attention_macs(module, args, kwargs).items():
+            name = by_param.get(id(module.get_parameter(local)))
+            if name is not None:
+                macs[name] += count
+
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _CONV + (nn.Linear,))]
+    handles += [m.register_forward_hook(attention_hook, with_kwargs=True) for m in model.modules()
+                if isinstance(m, nn.MultiheadAttention)]
     was_training = model.training
     try:
         model.eval()
@@ -65,6 +78,24 @@ def dense_macs(model: nn.Module, input_shape: tuple[int, ...], exclude: Iterable
             if full in macs:
                 macs[full] += int(count)
     return macs
+
+
+def _attention_macs(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> dict[str, int]:
+    """MACs per sample of one attention call: {local parameter name: count}."""
+    names = ("query", "key", "value")
+    tensors = [args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names)]
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return {}
+    # Sequence length: dim 1 when batch_first (N, L, E), else dim 0 (L, N, E); unbatched (L, E): dim 0.
+    lengths = [t.shape[1] if t.dim() == 3 and module.batch_first else t.shape[0] for t in tensors]
+    out: dict[str, int] = {"out_proj.weight": module.out_proj.weight.numel() * lengths[0]}
+    if module.in_proj_weight is not None:
+        rows = module.in_proj_weight.shape[0] // 3
+        out["in_proj_weight"] = sum(rows * module.in_proj_weight.shape[1] * n for n in lengths)
+    else:
+        for local, n in zip(("q_proj_weight", "k_proj_weight", "v_proj_weight"), lengths):
+            out[local] = getattr(module, local).numel() * n
+    return out
 
 
 def sparse_macs(dense: Mapping[str, int], density: Mapping[str, float]) -> float:

@@ -27,7 +27,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
-from gmp_dist.pruning import radix
+from gmp_dist.pruning import bracket, radix
 from gmp_dist.pruning.errors import InfeasibleError
 from gmp_dist.pruning.radix import KEEP_ALL, KEEP_NONE, LowCounts
 
@@ -51,6 +51,7 @@ class LocalCollective:
 
 
 LOCAL = LocalCollective()
+BRACKET_FIRST = True  # try the sampled one-pass decision (pruning/bracket.py) before the two radix rounds
 
 
 @dataclass(frozen=True)
@@ -194,9 +195,13 @@ def decide(shards: Sequence[Shard], layer_sizes: Sequence[int], sparsity: float,
     layout = _gather_layout(shards, sizes, comm)
     split = frozenset(layer for layer, pieces in layout.items() if len(pieces) > 1)
     local = _group(shards)
+    need = budget - protected_total
+    if BRACKET_FIRST and need and not split:  # one pass over the weights; None when the sample misled
+        found = bracket.decide_in_bracket(local, sizes, mins, budget, need, comm, layer_top_cut)
+        if found is not None:
+            return _finish(sizes, min_weights, mins, budget, *found, split)
 
     cuts, global_high = _protection_round(local, sizes, mins, split, comm)
-    need = budget - protected_total
     threshold, ties_to_keep, unprot_ties = _global_round(local, cuts, global_high, need, len(sizes),
                                                          split, comm)
     # Every rank now agrees on c_l, p_l and the unprotected tie counts at the threshold.

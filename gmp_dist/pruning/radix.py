@@ -22,6 +22,7 @@ KEEP_NONE = 1 << 31  # a threshold above every finite |w| bit pattern: nothing i
 KEEP_ALL = -1  # a threshold below every |w| bit pattern: everything is kept
 _INF_HIGH_BIN = 0x7F80  # top 16 bits of +inf; NaNs lie above
 CHUNK_ELEMENTS = 1 << 18  # 1 MiB of int32 per scratch buffer: bounds the extra memory
+GPU_CHUNK_ELEMENTS = 1 << 24  # on a GPU each chunk costs kernel launches and a sync: 64 MiB chunks there
 MIN_LANE_ELEMENTS = 1 << 15  # below this a thread hand-off costs more than it saves
 _POOL: ThreadPoolExecutor | None = None
 _THREAD_SCRATCH = threading.local()
@@ -112,7 +113,7 @@ def _scan(values: torch.Tensor, lane_work: Callable[[Iterator[torch.Tensor]], to
     pool = _pool() if flat.is_cpu and n >= 2 * MIN_LANE_ELEMENTS and not _in_lane() else None
     lanes = 1 if pool is None else min(pool._max_workers, n // MIN_LANE_ELEMENTS)
     # Equal chunks, as many per lane: a layer of 2.5 chunks would otherwise leave one lane idle a third of the time.
-    per_lane = -(-n // (lanes * CHUNK_ELEMENTS))
+    per_lane = -(-n // (lanes * (CHUNK_ELEMENTS if flat.is_cpu else GPU_CHUNK_ELEMENTS)))
     chunk = -(-n // (lanes * per_lane)) if n else 1
     bounds = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
 

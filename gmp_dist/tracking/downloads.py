@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +19,8 @@ class ArtifactDownloadError(Exception):
 def download_artifact(artifact_uri: str, dst_path: Optional[str | Path] = None,
                       tracking_uri: Optional[str] = None) -> Path:
     """Local path of ``artifact_uri`` (``runs:/``, ``models:/``, ``mlflow-artifacts:/``), downloaded."""
+    if not sys.stderr.isatty():  # MLflow's per-file download bars are noise in CI logs and pipes
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         from mlflow.artifacts import download_artifacts
 

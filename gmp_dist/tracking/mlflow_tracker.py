@@ -79,9 +79,8 @@ class MlflowTracker:
         self._logged_steps: dict[str, set[int]] = {
             key: {m.step for m in self._client.get_metric_history(run_id, key)} for key in run.data.metrics
         }
-        already = sum(len(steps) for steps in self._logged_steps.values())
-        if already:
-            log.info("MLflow run %s already holds %d metric values; re-logged steps are skipped", run_id, already)
+        # Said by the loop, and only when it really resumes (a fresh run's driver-side values are no replay).
+        self.logged_values = sum(len(steps) for steps in self._logged_steps.values())
 
     def already_logged(self, key: str, step: int) -> bool:
         return step in self._logged_steps.get(key, ())

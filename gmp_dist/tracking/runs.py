@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,13 @@ TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_RAY_JOB = "ray.job_submission_id"
 TAG_PARENT = "mlflow.parentRunId"
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# MLflow 3's UI files an experiment without this tag under "GenAI" (evaluation runs, traces, no model
+# column); "custom_model_development" (mlflow.entities.ExperimentKind.CUSTOM_MODEL_DEVELOPMENT) opens the
+# model-training view with metrics, charts and logged models.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"
+TAG_SOURCE_NAME = "mlflow.source.name"
+TAG_SOURCE_TYPE = "mlflow.source.type"
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
@@ -77,7 +85,7 @@ def start_run(cfg: RunConfig, *, parent_run_id: str | None = None, extra_tags: d
     _warn_if_ephemeral(uri)
     mlflow_client = client(uri)
     experiment_id = _experiment_id(mlflow_client, cfg.experiment)
-    tags = run_tags(parent_run_id)
+    tags = {**run_tags(parent_run_id), **config_tags(cfg)}
     tags.update({str(k): _clip(str(v), MAX_TAG_VALUE_CHARS) for k, v in (extra_tags or {}).items()})
     run = mlflow_client.create_run(experiment_id, tags=tags, run_name=cfg.tracking.run_name or cfg.name)
     run_id = run.info.run_id
@@ -107,6 +115,24 @@ def run_tags(parent_run_id: str | None = None) -> dict[str, str]:
     if parent_run_id:
         tags[TAG_PARENT] = parent_run_id
     return tags
+
+
+def config_tags(cfg: RunConfig) -> dict[str, str]:
+    """What a run is at a glance in the runs table: method, target sparsity, MT, model, and where it came from."""
+    prune = cfg.prune
+    if prune.min_threshold_pct is not None:
+        mt = f"{prune.min_threshold_pct}% per layer"
+    elif prune.min_weights is not None:
+        mt = f"{prune.min_weights} weights per layer"
+    else:
+        mt = "none"
+    pruned = prune.method != "none"
+    return {"method": prune.method if not pruned else f"{prune.method} ({prune.schedule})",
+            "sparsity": str(prune.sparsity if pruned else 0.0), "mt": mt if pruned else "none",
+            "model": cfg.model.name,
+            TAG_SOURCE_NAME: " ".join(["gmp-dist", *sys.argv[1:]]) if Path(sys.argv[0]).name == "gmp-dist"
+            or sys.argv[0].endswith("gmp_dist/__main__.py") else f"gmp-dist ({Path(sys.argv[0]).name})",
+            TAG_SOURCE_TYPE: "LOCAL"}
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:
@@ -164,9 +190,11 @@ def _experiment_id(mlflow_client, name: str) -> str:
         if experiment.lifecycle_stage == "deleted":
             mlflow_client.restore_experiment(experiment.experiment_id)
             log.warning("restored deleted MLflow experiment %r", name)
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:  # made before gmp-dist tagged experiments
+            mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND_TRAINING)
         return experiment.experiment_id
     try:
-        return mlflow_client.create_experiment(name)
+        return mlflow_client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND_TRAINING})
     except MlflowException:
         # Another driver (a sweep, a second submit) created it between our look-up and create.
         experiment = mlflow_client.get_experiment_by_name(name)
