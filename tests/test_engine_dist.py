@@ -52,16 +52,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_agree_bit_for_bit_with_single_process():
+def _run_two_ranks(target, n_results: int) -> list:
+    """Run ``target(rank, 2, port, queue)`` on 2 spawned processes; the results they put, unsorted."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()  # not SimpleQueue: get() needs a timeout, or a crashed rank hangs the suite
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, queue)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, 2, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
     try:
         # drain before join (pipes block); a rank that died puts nothing, so never wait unbounded
-        results = sorted([queue.get(timeout=180) for _ in range(2)], key=lambda r: r[0])
+        results = [queue.get(timeout=180) for _ in range(n_results)]
     except queue_module.Empty:
         raise AssertionError(f"a rank sent no result (exit codes {[p.exitcode for p in procs]})") from None
     finally:
@@ -70,6 +71,11 @@ def test_two_processes_agree_bit_for_bit_with_single_process():
             if p.is_alive():
                 p.kill()
     assert [p.exitcode for p in procs] == [0, 0]
+    return results
+
+
+def test_two_processes_agree_bit_for_bit_with_single_process():
+    results = sorted(_run_two_ranks(_rank_main, 2), key=lambda r: r[0])
     single_masks, single_decision = decide_masks(_weights(), 0.95, 120)
     single_flat = torch.cat([m.reshape(-1) for m in single_masks])
     for _, decision_tensor, flat, mismatch_caught in results:
@@ -119,21 +125,7 @@ def _uneven_eval_rank(rank: int, world_size: int, port: int, out) -> None:
 def test_evaluation_counts_every_sample_once_on_an_uneven_split():
     from gmp_dist.engine.evaluate import evaluate
 
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_uneven_eval_rank, args=(r, 2, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        results = sorted([queue.get(timeout=180) for _ in range(2 * len(UNEVEN_SPLITS))], key=lambda r: r[:2])
-    except queue_module.Empty:
-        raise AssertionError(f"a rank sent no result (exit codes {[p.exitcode for p in procs]})") from None
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
+    results = sorted(_run_two_ranks(_uneven_eval_rank, 2 * len(UNEVEN_SPLITS)), key=lambda r: r[:2])
     for num_val in UNEVEN_SPLITS:
         ranks = [r for r in results if r[0] == num_val]
         assert [n for _, _, n, _, _ in ranks] == [(num_val + 1) // 2, num_val // 2]
