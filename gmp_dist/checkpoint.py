@@ -72,8 +72,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint or state_dict file; any problem is a :class:`UserError` naming the file."""
+def load_checkpoint(path) -> dict:
+    """Read a checkpoint or state_dict file (local, or a storage URI such as ``s3://…``, see
+    :mod:`gmp_dist.storage`); any problem is a :class:`UserError` naming the file."""
+    from gmp_dist import storage
+
+    if isinstance(path, storage.Location) or storage.is_uri(path):
+        with storage.local_file(path) as local:
+            return load_checkpoint(local)
     source = Path(path)
     expected = "a checkpoint written by gmp-dist or a state_dict saved with torch.save"
     if not source.exists():

@@ -1,6 +1,7 @@
 """The `gmp-dist` entry point: one subcommand per module in ``gmp_dist.commands``.
 
-Exit codes (design.md §1): 0 success, 2 bad input (a :class:`UserError`), 1 internal failure.
+Exit codes (design.md §1): 0 success, 2 bad input (a :class:`UserError`), 1 internal failure, 130 / 143
+when stopped by SIGINT / SIGTERM (:mod:`gmp_dist.signals`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import sys
 import traceback
 
-from gmp_dist import __version__
+from gmp_dist import __version__, signals
 from gmp_dist.errors import UserError
 
 # Subcommand name -> module in gmp_dist.commands. Each module has add_arguments(parser) and run(args) -> int.
@@ -69,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"gmp-dist {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGINT/SIGTERM turned into signals.Stopped
+        print(f"gmp-dist {args.command}: {signals.describe(exc)}", file=sys.stderr)
+        return signals.exit_code(exc)
     except Exception:  # an internal failure: keep the traceback for the bug report
         traceback.print_exc()
         print(f"gmp-dist {args.command}: internal error (exit 1); the traceback above helps a bug report",

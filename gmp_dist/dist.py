@@ -85,9 +85,18 @@ def barrier(ctx: DistContext) -> None:
         torch_dist.barrier()
 
 
-def init_local_group(rank: int, world_size: int, port: int) -> None:
-    """Join a gloo group of ``world_size`` processes on this machine (the no-Ray runner and its tests)."""
-    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+def broadcast_buffers(ctx: DistContext, module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank — what DDP's forward would sync."""
+    if not ctx.active:
+        return
+    for buffer in module.buffers():
+        torch_dist.broadcast(buffer, src=0)
+
+
+def init_local_group(rank: int, world_size: int, port: int, backend: str = "gloo") -> None:
+    """Join a group of ``world_size`` processes on this machine (the no-Ray runner and its tests); NCCL when
+    each process drives its own CUDA device."""
+    torch_dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
 
 
 def destroy_group() -> None:

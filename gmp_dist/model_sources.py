@@ -6,6 +6,7 @@ A *model source* is one of:
   weights are exact zeros), or a sparse export (``gmp-dist export``);
 - a local MLflow Model folder (one holding ``MLmodel``);
 - an MLflow run id: its ``checkpoint/final.pt`` artifact, else its MLflow Model ``model``;
+- a file in object storage: ``s3://bucket/…/checkpoint.pt?endpoint_override=…`` (``gmp_dist.storage``);
 - an MLflow URI: ``runs:/<run_id>/<path>``, ``models:/<name>/<version>``, ``mlflow-artifacts:/...``,
   pointing at a file or at an MLflow Model.
 
@@ -46,8 +47,14 @@ class ModelFile:
 
 def read_model_source(source: str, tracking_uri: Optional[str] = None) -> ModelFile:
     """Read any model source (see the module doc); UserError (exit 2) naming it when it cannot be read."""
+    from gmp_dist import storage
     from gmp_dist.tracking.models import is_mlflow_uri, is_run_id
 
+    if storage.is_uri(source) and not is_mlflow_uri(source):  # object storage: s3://…, gs://…
+        with storage.local_file(source) as path:
+            found = _read_local(path, source)
+        found.where = source
+        return found
     local = Path(source)
     if local.exists():
         return _read_local(local, source)

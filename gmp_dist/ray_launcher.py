@@ -9,19 +9,23 @@ Resuming a stopped run = the same ``checkpoint.storage_path`` and ``name`` (Trai
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
+from gmp_dist import signals, storage
 from gmp_dist.config import RunConfig, dump_config
 from gmp_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
-
 
 # What Ray itself prints on the user's console. Our rank-0 lines go through our own "gmp_dist" logger
 # (its own handler, unaffected); worker tracebacks arrive as the error fit() raises, and as Ray's
@@ -35,47 +39,187 @@ QUIET_RAY_ENV = {
     "RAY_DEDUP_LOGS": "1",  # identical lines from the two workers are printed once
 }
 
-
-def run_with_ray(cfg: RunConfig, tracking_uri: Optional[str], run_id: Optional[str]) -> dict:
+@contextlib.contextmanager
+def ray_session(cfg: RunConfig) -> Iterator[Callable[[RunConfig, Optional[str], Optional[str]], dict]]:
+    """Join or start Ray and check the cluster can hold the workers (before any MLflow run opens); yields
+    the function that trains. On the way out — also on SIGINT/SIGTERM — a Ray started here is shut down,
+    and a joined cluster is left, so it stops the run's controller and workers with this driver."""
     for key, value in QUIET_RAY_ENV.items():
         os.environ.setdefault(key, value)  # read when ray is imported; a user's own setting wins
+    import ray
+
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        # The Ray started here will hold this machine's CPUs and GPUs: check before paying for its start.
+        _raise_if_short(cfg, [_this_machine(cfg)], "this machine")
+    started_here = _connect(ray, cfg)
+    signals.rearm()  # ray.init installs a SIGTERM handler of its own
+    interrupted = False
+    try:
+        wait_for_resources(ray, cfg, autoscaling_possible=not started_here)
+        # A Ray started here goes down whole with ray.shutdown(); on a joined cluster the driver aborts the
+        # Train run first, so its controller and workers stop before the driver leaves.
+        yield functools.partial(run_with_ray, abort_on_stop=not started_here)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        if started_here or interrupted:
+            log.info("shutting down Ray" if started_here else "leaving the Ray cluster")
+            ray.shutdown()
+            log.info("Ray shut down")
+        _remove_scratch(cfg)
+
+
+def run_with_ray(cfg: RunConfig, tracking_uri: Optional[str], run_id: Optional[str], *,
+                 abort_on_stop: bool = True) -> dict:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    started_here = _connect(ray, cfg)
+    if not ray.is_initialized():  # called directly, not through ray_session
+        with ray_session(cfg) as run:
+            return run(cfg, tracking_uri, run_id)
+    scaling = cfg.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    storage_path, storage_filesystem = storage.ray_storage(cfg.checkpoint.storage_path)
+    trainer = _trainer_class(TorchTrainer)(
+        _train_loop_per_worker,
+        train_loop_config={"config_yaml": dump_config(cfg), "tracking_uri": tracking_uri, "run_id": run_id,
+                           "cwd": os.getcwd(), "scratch_prefix": _scratch_prefix(cfg),
+                           "progress": sys.stdout.isatty()},
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RayRunConfig(
+            name=cfg.name or "run", storage_path=storage_path, storage_filesystem=storage_filesystem,
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL)),
+    )
     try:
-        scaling = cfg.scaling
-        resources = {"CPU": scaling.cpus_per_worker}
-        if scaling.use_gpu:
-            resources["GPU"] = scaling.gpus_per_worker
-        trainer = TorchTrainer(
-            _train_loop_per_worker,
-            train_loop_config={"config_yaml": dump_config(cfg), "tracking_uri": tracking_uri, "run_id": run_id,
-                               "cwd": os.getcwd(), "progress": sys.stdout.isatty()},
-            scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                         resources_per_worker=resources),
-            run_config=RayRunConfig(
-                name=cfg.name, storage_path=_storage_path(cfg.checkpoint.storage_path),
-                failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-                logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL)),
-        )
         result = trainer.fit()
-        if result.error is not None:
-            raise result.error
-        metrics = dict(result.metrics or {})
-        if result.checkpoint is not None:
-            metrics["checkpoint_path"] = result.checkpoint.path
-        return metrics
-    finally:
-        if started_here:
-            ray.shutdown()
+    except KeyboardInterrupt:  # our SIGINT/SIGTERM handler fired inside fit (ray.get re-raises it plainly)
+        if abort_on_stop:
+            log.info("aborting the Ray Train run")
+            trainer.abort()
+        raise
+    if result.error is not None:
+        raise result.error
+    return dict(result.metrics or {})
 
 
-def _storage_path(path: str) -> str:
-    # Ray wants an absolute local path or a URI (s3://, gs://, ...).
-    return path if "://" in path else str(Path(path).resolve())
+def _trainer_class(base):
+    """``base`` (TorchTrainer) that leaves SIGINT to :mod:`gmp_dist.signals` and can abort its run.
+
+    Train V2's ``fit`` installs a SIGINT handler of its own that aborts the run and then exits 0 or 1, so
+    the driver could not tell a stop from a success nor end the MLflow run KILLED. Keeping the
+    controller's handle instead lets the driver abort the run gracefully (workers stopped by Ray Train)
+    on SIGINT and SIGTERM alike.
+    """
+
+    class Trainer(base):
+        _controller = None
+
+        def _register_sigint_handler(self, controller) -> None:
+            self._controller = controller
+
+        def abort(self) -> None:
+            import ray
+
+            if self._controller is None:
+                return
+            try:
+                ray.get(self._controller.abort.remote(), timeout=15)
+            except Exception as exc:  # the controller exits while answering: that is the success case
+                log.debug("Train controller abort: %s", exc)
+
+    return Trainer
+
+
+def wait_for_resources(ray, cfg: RunConfig, *, autoscaling_possible: bool) -> None:
+    """Exit 2 at once when the cluster cannot place the workers and nothing can add nodes; on a joined
+    cluster (an autoscaler may add nodes) wait up to ``scaling.resource_wait_s`` with a visible message."""
+    deadline = time.monotonic() + cfg.scaling.resource_wait_s
+    next_message = 0.0
+    while True:
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        now = time.monotonic()
+        if not autoscaling_possible or now >= deadline:
+            waited = f" after waiting {cfg.scaling.resource_wait_s:.0f} s (scaling.resource_wait_s)" \
+                if autoscaling_possible else ""
+            _raise_if_short(cfg, nodes, f"the Ray cluster ({len(nodes)} node(s))", waited)
+            return
+        short = _shortfall(cfg, nodes, f"the Ray cluster ({len(nodes)} node(s))")
+        if short is None:
+            return
+        if now >= next_message:
+            log.warning("%s; waiting up to %.0f s more for an autoscaler to add nodes (scaling.resource_wait_s)",
+                        short[0], deadline - now)
+            next_message = now + 30
+        time.sleep(2)
+
+
+def _raise_if_short(cfg: RunConfig, nodes: list[dict], where: str, waited: str = "") -> None:
+    short = _shortfall(cfg, nodes, where)
+    if short is not None:
+        raise UserError(f"{short[0]}{waited}: {short[1]}")
+
+
+def _shortfall(cfg: RunConfig, nodes: list[dict], where: str) -> Optional[tuple[str, str]]:
+    """(what does not fit, what to change), or None when the nodes can hold every worker."""
+    need = _per_worker_request(cfg)
+    if _workers_that_fit(nodes, need) >= cfg.scaling.num_workers:
+        return None
+    have = {key: sum(node.get(key, 0.0) for node in nodes) for key in ("CPU", "GPU")}
+    gpu_keys = ", scaling.use_gpu=true, scaling.gpus_per_worker" if "GPU" in need else ""
+    problem = (f"{cfg.scaling.num_workers} workers x {need} (scaling.num_workers, scaling.cpus_per_worker{gpu_keys})"
+               f" do not fit on {where}, which has {have}")
+    if "GPU" in need and have["GPU"] < need["GPU"] * cfg.scaling.num_workers:
+        return problem, ("set scaling.use_gpu=false, or lower scaling.gpus_per_worker / scaling.num_workers, or run"
+                         " on a cluster with GPUs")
+    return problem, "lower scaling.num_workers / scaling.cpus_per_worker, or add nodes"
+
+
+def _this_machine(cfg: RunConfig) -> dict[str, float]:
+    """What :func:`_connect` gives a Ray it starts here (Ray counts the GPUs CUDA shows it)."""
+    import torch
+
+    return {"CPU": float(_local_cpus(cfg)), "GPU": float(torch.cuda.device_count())}
+
+
+def _local_cpus(cfg: RunConfig) -> int:
+    return max(int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 0.999), os.cpu_count() or 1)
+
+
+def _per_worker_request(cfg: RunConfig) -> dict[str, float]:
+    need = {"CPU": float(cfg.scaling.cpus_per_worker)}
+    if cfg.scaling.use_gpu:
+        need["GPU"] = float(cfg.scaling.gpus_per_worker)
+    return need
+
+
+def _workers_that_fit(nodes: list[dict], need: dict[str, float]) -> int:
+    """Workers the nodes can hold together (a worker never spans nodes)."""
+    asked = {k: v for k, v in need.items() if v > 0}
+    if not asked:
+        return 1 << 30
+    return sum(int(min(node.get(k, 0.0) / v for k, v in asked.items())) for node in nodes)
+
+
+def _scratch_prefix(cfg: RunConfig) -> str:
+    # Per run (name) and driver, so the driver can sweep up what a killed worker on this machine left.
+    return f"gmp-ckpt-{_safe_name(cfg.name or 'run')}-{os.getpid()}-"
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:40]
+
+
+def _remove_scratch(cfg: RunConfig) -> None:
+    """Workers remove their scratch folders; this catches those of workers killed on this machine."""
+    for leftover in Path(tempfile.gettempdir()).glob(_scratch_prefix(cfg) + "*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _connect(ray, cfg: RunConfig) -> bool:
@@ -91,12 +235,11 @@ def _connect(ray, cfg: RunConfig) -> bool:
             raise UserError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {exc}; start one with"
                             " `launch/local_cluster.sh start` or unset RAY_ADDRESS to run locally") from None
         return False
-    needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     # One machine cannot be preempted piecemeal: skip Train V2's preemption-watcher actor, whose idle
     # Ray core worker alone costs ~1% of a core (propagated to the Train controller from this env).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # address="local": always a fresh instance, never silently joining another cluster on this machine.
-    ray.init(address="local", num_cpus=max(int(needed + 0.999), os.cpu_count() or 1), include_dashboard=False,
+    ray.init(address="local", num_cpus=_local_cpus(cfg), include_dashboard=False,
              object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1",
              logging_level=logging.WARNING, logging_config=ray.LoggingConfig(log_level=RAY_LOG_LEVEL),
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}})
@@ -122,17 +265,35 @@ def _train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
     if not cfg.scaling.use_gpu:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    resume_from = None
     restored = ray.train.get_checkpoint()
-    scratch = Path(tempfile.mkdtemp(prefix=f"gmp-ckpt-rank{rank}-"))
-    if restored is not None:
-        local = Path(restored.to_directory(str(scratch / "restored")))
-        resume_from = next(iter(sorted(local.rglob("checkpoint.pt"))), None)
-    env = WorkerEnv(ctx=DistContext(rank, world_size, context.get_local_rank(), device),
-                    tracker=make_tracker(loop_config["tracking_uri"], loop_config["run_id"], rank),
-                    reporter=_RayReporter(), resume_from=resume_from, scratch_dir=scratch,
-                    run_id=loop_config["run_id"], progress=_progress_bar() if loop_config.get("progress") else None)
-    train(cfg, env)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{loop_config['scratch_prefix']}rank{rank}-"))
+    download = contextlib.ExitStack()
+    try:
+        resume_from = None
+        if restored is not None:
+            # Each rank downloads the checkpoint once; the copy goes as soon as the state is restored.
+            local = Path(restored.to_directory(str(scratch / "restored")))
+            newest = storage.newest_checkpoint(storage.locate(local))
+            resume_from = Path(newest.path) if newest else None
+        elif cfg.checkpoint.resume:
+            # Ray registers a checkpoint only at its controller's next poll; one persisted just before the
+            # driver was stopped is in storage all the same, and the one newest-checkpoint rule finds it.
+            newest = storage.newest_checkpoint(storage.run_folder(cfg))
+            resume_from = download.enter_context(storage.local_file(newest)) if newest else None
+
+        def after_restore() -> None:
+            shutil.rmtree(scratch / "restored", ignore_errors=True)
+            download.close()
+
+        env = WorkerEnv(ctx=DistContext(rank, world_size, context.get_local_rank(), device),
+                        tracker=make_tracker(loop_config["tracking_uri"], loop_config["run_id"], rank),
+                        reporter=_RayReporter(), resume_from=resume_from, scratch_dir=scratch / "report",
+                        run_id=loop_config["run_id"], after_restore=after_restore,
+                        progress=_progress_bar() if loop_config.get("progress") else None)
+        train(cfg, env)
+    finally:
+        download.close()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _progress_bar():
@@ -143,9 +304,17 @@ def _progress_bar():
 
 
 class _RayReporter:
+    """Reports the folder ``epoch_NNNN/checkpoint.pt`` sits in, then deletes it: Ray has persisted it to
+    storage when ``report`` returns, so a rank never holds more than one local checkpoint."""
+
     def report(self, metrics: dict, checkpoint_file: Optional[Path]) -> None:
         import ray.train
 
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_file.parent)) if checkpoint_file else None
+        folder = checkpoint_file.parent.parent if checkpoint_file else None
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder else None
         numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        ray.train.report(numeric, checkpoint=checkpoint)
+        try:
+            ray.train.report(numeric, checkpoint=checkpoint)
+        finally:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)

@@ -227,14 +227,18 @@ def test_cifar_train_is_reflect_pad_crop_and_flip_of_the_stored_images(cifar) ->
         labels = torch.from_numpy(train["y"])
     x, y = epoch(loaders.train)
     padded = torch.nn.functional.pad(_normalised(stored), (4, 4, 4, 4), mode="reflect")
-    flipped_count = 0
+    flipped_count = unflipped_count = 0
     for image, label in zip(x[:12], y[:12]):
         matches = [(i, flip) for i in range(len(stored)) if labels[i] == label for flip in (False, True)
                    for top in range(9) for left in range(9)
                    if torch.allclose(padded[i, :, top:top + 32, left:left + 32].flip(2) if flip
                                      else padded[i, :, top:top + 32, left:left + 32], image, atol=1e-5)]
         assert matches, "an augmented image is not a crop (or flipped crop) of a stored one"
-        flipped_count += matches[0][1]
+        kinds = {flip for _, flip in matches}  # a mirror-symmetric crop matches both ways: it counts for neither
+        flipped_count += kinds == {True}
+        unflipped_count += kinds == {False}
+    # Flip probability 0.5, seeded: among 12 images both kinds occur (a loader that never or always flips fails).
+    assert flipped_count >= 1 and unflipped_count >= 1, (flipped_count, unflipped_count)
     x_val, _ = epoch(loaders.val)
     with np.load(cifar / "val.npz") as val:
         assert torch.allclose(x_val, _normalised(torch.from_numpy(val["x"]).permute(0, 3, 1, 2)), atol=1e-5)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import queue as queue_module
 import socket
 
+import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
@@ -49,17 +52,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_agree_bit_for_bit_with_single_process():
+def _run_two_ranks(target, n_results: int) -> list:
+    """Run ``target(rank, 2, port, queue)`` on 2 spawned processes; the results they put, unsorted."""
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()  # not SimpleQueue: get() needs a timeout, or a crashed rank hangs the suite
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, queue)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, 2, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = sorted([queue.get() for _ in range(2)], key=lambda r: r[0])  # drain before join: pipes block
-    for p in procs:
-        p.join(timeout=120)
+    try:
+        # drain before join (pipes block); a rank that died puts nothing, so never wait unbounded
+        results = [queue.get(timeout=180) for _ in range(n_results)]
+    except queue_module.Empty:
+        raise AssertionError(f"a rank sent no result (exit codes {[p.exitcode for p in procs]})") from None
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
     assert [p.exitcode for p in procs] == [0, 0]
+    return results
+
+
+def test_two_processes_agree_bit_for_bit_with_single_process():
+    results = sorted(_run_two_ranks(_rank_main, 2), key=lambda r: r[0])
     single_masks, single_decision = decide_masks(_weights(), 0.95, 120)
     single_flat = torch.cat([m.reshape(-1) for m in single_masks])
     for _, decision_tensor, flat, mismatch_caught in results:
@@ -68,3 +84,57 @@ def test_two_processes_agree_bit_for_bit_with_single_process():
         assert mismatch_caught  # a checksum mismatch is a hard error on every rank
     n = single_flat.numel()
     assert int(single_flat.sum()) == n - round(0.95 * n)
+
+
+def _tiny_bn_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+def _val_data(num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(num, 4, generator=g), torch.randint(0, 3, (num,), generator=g)
+
+
+UNEVEN_SPLITS = (9, 1)  # 5 + 4 samples; 1 + 0 (rank 1 has no validation batch at all)
+
+
+def _uneven_eval_rank(rank: int, world_size: int, port: int, out) -> None:
+    from gmp_dist.data.batches import val_indices
+    from gmp_dist.engine.evaluate import evaluate
+
+    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        ctx = DistContext(rank, world_size)
+        net = torch.nn.parallel.DistributedDataParallel(_tiny_bn_model())
+        for num_val in UNEVEN_SPLITS:
+            # A training step first: DDP then owes a buffer broadcast at its next forward, which a rank
+            # without validation batches would never join.
+            g = torch.Generator().manual_seed(10 + rank)
+            net(torch.randn(6, 4, generator=g)).sum().backward()
+            x, y = _val_data(num_val)
+            idx = val_indices(num_val, rank, world_size).tolist()
+            batches = [(x[idx[i:i + 2]], y[idx[i:i + 2]]) for i in range(0, len(idx), 2)]
+            metrics = evaluate(net, batches, ctx, contextlib.nullcontext)
+            state = {k: v.numpy().copy() for k, v in net.module.state_dict().items()}
+            out.put((num_val, rank, len(idx), metrics, state))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_evaluation_counts_every_sample_once_on_an_uneven_split():
+    from gmp_dist.engine.evaluate import evaluate
+
+    results = sorted(_run_two_ranks(_uneven_eval_rank, 2 * len(UNEVEN_SPLITS)), key=lambda r: r[:2])
+    for num_val in UNEVEN_SPLITS:
+        ranks = [r for r in results if r[0] == num_val]
+        assert [n for _, _, n, _, _ in ranks] == [(num_val + 1) // 2, num_val // 2]
+        # The reference: rank 0's model (its BatchNorm statistics, broadcast to both ranks) on all samples.
+        model = _tiny_bn_model()
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in ranks[0][4].items()})
+        x, y = _val_data(num_val)
+        expected = evaluate(model, [(x, y)], DistContext(), contextlib.nullcontext)
+        for _, _, _, metrics, _ in ranks:
+            assert metrics["val_samples"] == num_val
+            assert metrics["val_top1"] == expected["val_top1"] and metrics["val_top5"] == expected["val_top5"]
+            assert metrics["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-6)

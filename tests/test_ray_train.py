@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gmp_dist import storage
 from gmp_dist.checkpoint import load_checkpoint
 from gmp_dist.models import build_model
 
@@ -77,8 +78,8 @@ def _only_run(tmp_path: Path):
     return client, runs[0]
 
 
-def _checkpoints(tmp_path: Path, name: str) -> list[Path]:
-    return sorted((tmp_path / "runs" / name).glob("checkpoint_*/checkpoint.pt"))
+def _checkpoints(tmp_path: Path, name: str) -> list[str]:
+    return [c.path for c in storage.checkpoints(storage.locate(tmp_path / "runs" / name))]
 
 
 def test_worker_killed_after_first_checkpoint_run_completes(tmp_path, digits_dir):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gmp_dist import storage
 from gmp_dist.checkpoint import load_checkpoint
 from gmp_dist.cli import main
 from gmp_dist.commands.train import preflight, run_training
@@ -49,7 +50,7 @@ def _run(tmp_path, name, dense, *extra):
 
 
 def _final_checkpoint(tmp_path: Path, name: str) -> dict:
-    return load_checkpoint(sorted((tmp_path / "runs" / name).glob("epoch_*/checkpoint.pt"))[-1])
+    return load_checkpoint(storage.newest_checkpoint(storage.locate(tmp_path / "runs" / name)))
 
 
 def test_resume_equals_straight_run_with_one_mlflow_run(tmp_path, dense_checkpoint):
@@ -75,6 +76,33 @@ def test_resume_equals_straight_run_with_one_mlflow_run(tmp_path, dense_checkpoi
     assert straight["sparsity"] == pytest.approx(0.9, abs=1e-5)
     names = {f.path for f in client.list_artifacts(halves[0].info.run_id)}
     assert {"config.yaml", "layers.csv", "layers.png", "checkpoint"} <= names
+
+
+def test_step_based_gradual_schedule_resumes_exactly(tmp_path, dense_checkpoint):
+    """Events at steps 2, 5, ..., 20 of 24; the stop after epoch 2 (step 12) falls between two of them."""
+    gradual = ["prune.schedule=gradual", "prune.gradual.unit=step", "prune.gradual.start=2",
+               "prune.gradual.end=20", "prune.gradual.every=3", "tracking.enabled=false"]
+    _run(tmp_path, "g-straight", dense_checkpoint, *gradual)
+    _, first = _run(tmp_path, "g-halves", dense_checkpoint, *gradual, "train.stop_after_epochs=2")
+    assert first["stopped_early"] and 0.0 < first["sparsity"] < 0.9  # stopped mid-schedule
+    _, second = _run(tmp_path, "g-halves", dense_checkpoint, *gradual, "checkpoint.resume=true")
+    assert second["sparsity"] == pytest.approx(0.9, abs=1e-5)
+    a, b = _final_checkpoint(tmp_path, "g-straight"), _final_checkpoint(tmp_path, "g-halves")
+    assert a["global_step"] == b["global_step"] == 24
+    for name, mask in a["pruner"]["masks"].items():
+        assert torch.equal(mask, b["pruner"]["masks"][name]), name
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_deterministic_mode_is_set_for_the_run_and_restored():
+    from gmp_dist.engine.loop import determinism
+
+    before = torch.are_deterministic_algorithms_enabled()
+    with determinism(True):
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark
+    assert torch.are_deterministic_algorithms_enabled() == before
 
 
 def test_refuses_to_train_over_an_earlier_run(tmp_path, dense_checkpoint):
@@ -104,5 +132,15 @@ def test_two_gloo_workers_without_ray(tmp_path, dense_checkpoint):
     cfg, result = _run(tmp_path, "gloo2", dense_checkpoint, "scaling.num_workers=2", "train.epochs=1")
     assert result["sparsity"] == pytest.approx(0.9, abs=1e-5)
     ckpt = _final_checkpoint(tmp_path, "gloo2")
+    for name, mask in ckpt["pruner"]["masks"].items():
+        assert torch.all(ckpt["model"][name][~mask] == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_local_runner_honours_use_gpu(tmp_path, dense_checkpoint):
+    _, result = _run(tmp_path, "cuda1", dense_checkpoint, "scaling.use_gpu=true", "train.epochs=1")
+    assert result["sparsity"] == pytest.approx(0.9, abs=1e-5)
+    ckpt = _final_checkpoint(tmp_path, "cuda1")
     for name, mask in ckpt["pruner"]["masks"].items():
         assert torch.all(ckpt["model"][name][~mask] == 0)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gmp_dist.config import load_config
 from gmp_dist.errors import UserError
+from gmp_dist.signals import stop_on_signals
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "quickstart"
 
@@ -27,6 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with stop_on_signals():  # SIGINT/SIGTERM: the current run ends KILLED, exit 130/143
+        return _demo(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
     from gmp_dist.commands.train import preflight, run_training
 
     for name in ("dense.yaml", "gmp90.yaml"):

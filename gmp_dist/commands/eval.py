@@ -2,7 +2,8 @@
 
 SOURCE is any model source (``gmp_dist.model_sources``): a training checkpoint, a plain state_dict
 (``final.pt``, the output of ``gmp-dist prune``), a sparse export (``gmp-dist export``), an MLflow run id,
-``runs:/…`` or ``models:/<name>/<version>`` (read from ``tracking.uri``). One process, no Ray:
+``runs:/…`` or ``models:/<name>/<version>`` (read from ``tracking.uri``), or a file in object storage
+(``s3://…``, see ``gmp_dist.storage``). One process, no Ray:
 the model of ``model.name`` loads SOURCE strictly, then the engine's exact evaluation runs in float32 over
 every validation sample. Prints top-1/top-5 (percent), mean loss, and the sparsity and FLOPs pruned
 measured from the loaded weights; ``--json PATH`` writes the same numbers unrounded.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gmp_dist import signals
 from gmp_dist.errors import UserError
 
 
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from gmp_dist.study.config import load_study
     from gmp_dist.study.grid import plan_study
     from gmp_dist.study.outputs import output_writer
-    from gmp_dist.study.runner import Terminated, run_study
+    from gmp_dist.study.runner import run_study
 
     study, base, _ = load_study(args.config, args.overrides)
     out = Path(args.out)
@@ -46,12 +47,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         result = run_study(plan, output_writer(plan))
-    except Terminated:
-        print("terminated (SIGTERM): the parent run is marked KILLED; rerun the same command to continue")
-        return 143
-    except KeyboardInterrupt:
-        print("interrupted: the parent run is marked KILLED; rerun the same command to continue")
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT/SIGTERM through gmp_dist.signals
+        print(f"{signals.describe(exc)}: the parent run is marked KILLED; rerun the same command to continue")
+        return signals.exit_code(exc)
     print((out / "results.md").read_text())
     print(f"study {study.name}: {len(result.ran)} point(s) trained in {result.seconds / 60:.1f} min; outputs in"
           f" {plan.out}")

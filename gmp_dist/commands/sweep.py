@@ -8,7 +8,8 @@ One training per point of the grids' cartesian product, all under one MLflow par
   ``gmp_dist.sweep`` (the grid as JSON). Each child is ``run_training(point, parent_run_id=parent)``,
   named ``<name>-<key>=<value>-...`` (so run folders under ``checkpoint.storage_path`` never clash) and
   tagged ``gmp_dist.sweep.point``. The parent ends FINISHED when every child finished, FAILED otherwise
-  (KILLED on Ctrl-C); its ``sweep.md`` artifact holds the results table that is also printed.
+  (KILLED on SIGINT/SIGTERM, which stop the points and exit 130/143); its ``sweep.md`` artifact holds
+  the results table that is also printed.
 - Sequential by default, in this process. ``--concurrent N`` runs up to N points at once, each in its own
   Python process (``python -m gmp_dist.commands.sweep CHILD_CONFIG PARENT_RUN_ID RESULT_JSON``) whose
   output is shown prefixed with the point's name. With Ray, export ``RAY_ADDRESS`` (a cluster, or
@@ -38,10 +39,12 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from gmp_dist import signals
 from gmp_dist.config import RunConfig, dump_config, load_config
 from gmp_dist.errors import UserError
 from gmp_dist.reporting.collect import TAG_PARENT, TAG_SWEEP, TAG_SWEEP_POINT
 from gmp_dist.reporting.tables import sweep_markdown
+from gmp_dist.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {point.name}: {point.label()}")
     if args.dry_run:
         return 0
-    outcomes = run_sweep(base, points, grid, concurrent=min(args.concurrent, len(points)))
+    with stop_on_signals():
+        outcomes = run_sweep(base, points, grid, concurrent=min(args.concurrent, len(points)))
     print(results_table(grid, outcomes))
     failed = [o for o in outcomes if o.status != "FINISHED"]
     for outcome in failed:
@@ -334,7 +338,7 @@ def _read_child_result(outcome: Outcome, path: Path, code: int) -> None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         data = {}
-    outcome.status = data.get("status") or ("FINISHED" if code == 0 else "KILLED" if code == 130 else "FAILED")
+    outcome.status = data.get("status") or ("FINISHED" if code == 0 else "KILLED" if code in (130, 143) else "FAILED")
     outcome.result = data.get("result") or {}
     outcome.run_id = outcome.result.get("run_id")
     outcome.error = data.get("error") or (None if code == 0 else f"exit code {code}")
@@ -396,10 +400,11 @@ def _child_main(argv: Sequence[str]) -> int:
 
     try:
         cfg = load_config(config_path)
-        result = run_training(cfg, parent_run_id=parent or None)
-    except KeyboardInterrupt:
-        write({"status": "KILLED", "error": "interrupted"})
-        return 130
+        with stop_on_signals():
+            result = run_training(cfg, parent_run_id=parent or None)
+    except KeyboardInterrupt as exc:
+        write({"status": "KILLED", "error": signals.describe(exc)})
+        return signals.exit_code(exc)
     except UserError as exc:
         print(f"gmp-dist sweep: error: {exc}", file=sys.stderr)
         write({"status": "FAILED", "error": str(exc), "user_error": True})

@@ -2,7 +2,8 @@
 
 Everything that can be checked before a worker starts is checked here (config, model name, pretrained
 file, data files, MT feasibility), so bad input costs seconds, exits 2 and leaves no MLflow run behind.
-The run ends FINISHED on success and FAILED (or KILLED on Ctrl-C) otherwise — never left RUNNING.
+The run ends FINISHED on success, KILLED on SIGINT/SIGTERM (exit 130/143, see gmp_dist.signals) and FAILED
+otherwise — never left RUNNING. Resources (GPUs, cluster size) are checked before the run opens.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from gmp_dist.errors import UserError
 from gmp_dist.models.configured import build_configured_model, configured_input_shape
 from gmp_dist.pruning.masks import resolve_min_weights
 from gmp_dist.pruning.selection import prunable_parameters
+from gmp_dist.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dump_config(cfg))
         return 0
-    result = run_training(cfg)
+    with stop_on_signals():
+        result = run_training(cfg)
     print(summary_line(cfg, result))
     return 0
 
@@ -75,51 +78,54 @@ def check_method(cfg: RunConfig, model: torch.nn.Module) -> None:
                                        cfg.prune.sparsity, m, method_options(cfg.prune), has_data=True)
 
 
-def run_folder(cfg: RunConfig) -> Path:
-    return Path(cfg.checkpoint.storage_path).resolve() / (cfg.name or "run")
-
-
 def _check_run_folder(cfg: RunConfig) -> None:
     """Never train over an earlier run's checkpoints by accident (Ray Train V2 would even resume it)."""
-    folder = run_folder(cfg)
-    if not cfg.checkpoint.resume and folder.exists() and any(folder.rglob("checkpoint.pt")):
+    from gmp_dist import storage
+
+    folder = storage.run_folder(cfg)
+    if not cfg.checkpoint.resume and storage.checkpoints(folder):
         raise UserError(f"run folder {folder} already holds checkpoints of an earlier run named {cfg.name!r}:"
                         " set checkpoint.resume=true to continue it, give another name (--set name=...), or"
                         " delete the folder")
 
 
 def run_training(cfg: RunConfig, parent_run_id: Optional[str] = None) -> dict:
-    """Open (or continue) the MLflow run, train, close the run with the right status."""
-    from gmp_dist.tracking import end_run, resolve_tracking_uri, start_run
+    """Check resources, open (or continue) the MLflow run, train, close the run with the right status."""
+    from gmp_dist.tracking import end_run, resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else None
-    run_id = _resumed_run_id(cfg, uri) or start_run(cfg, parent_run_id=parent_run_id)
-    status = "FAILED"
-    try:
-        if cfg.scaling.use_ray:
-            from gmp_dist.ray_launcher import run_with_ray
+    with _launcher(cfg) as launch:  # joins Ray / checks devices first: a bad request leaves no MLflow run
+        run_id, status = None, "FAILED"
+        try:  # a signal from here on ends the run KILLED
+            run_id = _resumed_run_id(cfg, uri) or _new_run(cfg, parent_run_id)
+            result = launch(cfg, uri, run_id)
+            final = _publish_final(cfg, uri, run_id)
+            model_uri = _log_mlflow_model(cfg, uri, run_id, final) if final and not result.get("stopped_early") \
+                else None
+            status = "FINISHED"
+            return {**result, "run_id": run_id, "final_model": final, "model_uri": model_uri}
+        except KeyboardInterrupt:  # Ctrl-C, or SIGINT/SIGTERM through gmp_dist.signals
+            status = "KILLED"
+            raise
+        except Exception as exc:
+            cause = _user_error_in(exc)
+            if cause is not None:
+                where = f" (MLflow run {run_id} marked FAILED)" if run_id else ""
+                raise UserError(f"training stopped: {cause}{where}") from None
+            raise
+        finally:
+            if uri is not None:
+                end_run(uri, run_id, status)
 
-            result = run_with_ray(cfg, uri, run_id)
-        else:
-            from gmp_dist.runner_local import run_local
 
-            result = run_local(cfg, uri, run_id)
-        final = _publish_final(cfg, uri, run_id, result)
-        model_uri = _log_mlflow_model(cfg, uri, run_id, final) if final and not result.get("stopped_early") else None
-        status = "FINISHED"
-        return {**result, "run_id": run_id, "final_model": str(final) if final else None, "model_uri": model_uri}
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except Exception as exc:
-        cause = _user_error_in(exc)
-        if cause is not None:
-            where = f" (MLflow run {run_id} marked FAILED)" if run_id else ""
-            raise UserError(f"training stopped: {cause}{where}") from None
-        raise
-    finally:
-        if uri is not None:
-            end_run(uri, run_id, status)
+def _launcher(cfg: RunConfig):
+    if cfg.scaling.use_ray:
+        from gmp_dist.ray_launcher import ray_session
+
+        return ray_session(cfg)
+    from gmp_dist.runner_local import local_session
+
+    return local_session(cfg)
 
 
 def summary_line(cfg: RunConfig, result: dict) -> str:
@@ -129,43 +135,56 @@ def summary_line(cfg: RunConfig, result: dict) -> str:
             f" FLOPs pruned {result.get('flops_pruned', 0.0):.4f}, MLflow run {result.get('run_id')}")
 
 
-def _resumed_run_id(cfg: RunConfig, uri: Optional[str]) -> Optional[str]:
-    """With checkpoint.resume, continue the MLflow run recorded in the newest checkpoint."""
-    if not cfg.checkpoint.resume or uri is None:
-        return None
-    from gmp_dist.checkpoint import load_checkpoint
-    from gmp_dist.tracking.runs import client
+def _new_run(cfg: RunConfig, parent_run_id: Optional[str]) -> Optional[str]:
+    from gmp_dist import storage
+    from gmp_dist.tracking import start_run
 
-    found = sorted(run_folder(cfg).rglob("checkpoint.pt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        return None
-    run_id = load_checkpoint(found[-1]).get("mlflow_run_id")
+    run_id = start_run(cfg, parent_run_id=parent_run_id)
     if run_id:
-        client(uri).update_run(run_id, status="RUNNING")
-        log.info("continuing MLflow run %s from %s", run_id, found[-1])
+        storage.write_run_id(storage.run_folder(cfg), run_id)
     return run_id
 
 
-def _publish_final(cfg: RunConfig, uri: Optional[str], run_id: Optional[str], result: dict) -> Optional[Path]:
+def _resumed_run_id(cfg: RunConfig, uri: Optional[str]) -> Optional[str]:
+    """With checkpoint.resume, continue the MLflow run recorded in the newest checkpoint (or, for a run
+    stopped before its first checkpoint, in the run folder)."""
+    if not cfg.checkpoint.resume or uri is None:
+        return None
+    from gmp_dist import storage
+    from gmp_dist.checkpoint import load_checkpoint
+    from gmp_dist.tracking.runs import client
+
+    folder = storage.run_folder(cfg)
+    newest = storage.newest_checkpoint(folder)
+    run_id = load_checkpoint(newest).get("mlflow_run_id") if newest else storage.read_run_id(folder)
+    if run_id:
+        client(uri).update_run(run_id, status="RUNNING")
+        log.info("continuing MLflow run %s from %s", run_id, newest or folder)
+    return run_id
+
+
+def _publish_final(cfg: RunConfig, uri: Optional[str], run_id: Optional[str]) -> Optional[str]:
     """Write ``<storage>/<name>/final.pt`` (the final model's plain state_dict, pruned weights exact zeros)
-    and log the final training checkpoint to MLflow."""
+    and log the newest training checkpoint to MLflow as ``checkpoint/final.pt``."""
+    from gmp_dist import storage
     from gmp_dist.checkpoint import load_checkpoint, save_checkpoint
 
-    where = result.get("checkpoint_path")
-    folder = run_folder(cfg)
-    found = sorted(Path(where).rglob("checkpoint.pt")) if where else []
-    found = found or sorted(folder.glob("epoch_*/checkpoint.pt"))
-    if not found:
+    folder = storage.run_folder(cfg)
+    newest = storage.newest_checkpoint(folder)
+    if newest is None:
         return None
-    final = save_checkpoint(load_checkpoint(found[-1])["model"], folder / "final.pt")
-    if uri is not None and run_id is not None and cfg.tracking.log_checkpoint_artifact:
-        from gmp_dist.tracking import MlflowTracker, log_final_checkpoint
+    final = storage.final_model(folder)
+    with storage.local_file(newest) as local:
+        with storage.writable(final) as target:
+            save_checkpoint(load_checkpoint(local)["model"], target)
+        if uri is not None and run_id is not None and cfg.tracking.log_checkpoint_artifact:
+            from gmp_dist.tracking import MlflowTracker, log_final_checkpoint
 
-        log_final_checkpoint(MlflowTracker(uri, run_id), found[-1])  # as checkpoint/final.pt
-    return final
+            log_final_checkpoint(MlflowTracker(uri, run_id), local)  # as checkpoint/final.pt
+    return str(final)
 
 
-def _log_mlflow_model(cfg: RunConfig, uri: Optional[str], run_id: Optional[str], final: Path) -> Optional[str]:
+def _log_mlflow_model(cfg: RunConfig, uri: Optional[str], run_id: Optional[str], final: str) -> Optional[str]:
     """Log ``final.pt`` (pruned weights exact zeros) as the run's MLflow Model, registered when asked."""
     if uri is None or run_id is None or not cfg.tracking.log_model:
         return None

@@ -81,17 +81,23 @@ def flatten_config(cfg: RunConfig) -> dict[str, Any]:
     return flat
 
 
-def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+def read_yaml_mapping(path: Path, what: str = "config", example: str = "configs/quickstart/gmp90.yaml") -> dict[str, Any]:
+    """One YAML file that must hold a mapping; a missing file, bad YAML or a non-mapping is a UserError."""
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist (give a path to a YAML file, e.g. configs/quickstart/gmp90.yaml)")
-    if path.resolve() in seen:
-        raise UserError(f"config {path}: 'base:' chain loops back to itself")
+        raise UserError(f"{what} file {path} does not exist (give a path to a YAML file, e.g. {example})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"config {path} is not valid YAML: {exc}") from None
+        raise UserError(f"{what} {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise UserError(f"config {path} must be a YAML mapping of sections, got {type(data).__name__}")
+        raise UserError(f"{what} {path} must be a YAML mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if path.resolve() in seen:
+        raise UserError(f"config {path}: 'base:' chain loops back to itself")
+    data = read_yaml_mapping(path)
     return _merged_with_base(data, path.parent, seen + (path.resolve(),), path)
 
 

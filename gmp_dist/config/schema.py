@@ -136,6 +136,8 @@ class TrainCfg(Section):
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False
     seed: int = 0
+    # torch.use_deterministic_algorithms (warn-only where no deterministic kernel exists) and fixed cuDNN
+    # algorithms; bit-identical reruns on the same hardware, at some speed cost on GPUs.
     deterministic: bool = False
     # Stop after this many optimizer steps per epoch (smoke tests); None runs full epochs.
     max_steps_per_epoch: Optional[int] = Field(default=None, ge=1)
@@ -151,6 +153,9 @@ class ScalingCfg(Section):
     gpus_per_worker: Float = Field(default=1.0, ge=0.0)
     # Run the engine in this process without Ray (debugging, single-process tests).
     use_ray: bool = True
+    # On a joined Ray cluster whose free nodes cannot hold the workers yet (an autoscaler may add some),
+    # wait this long before exiting 2. A Ray started by gmp-dist itself, or no Ray, never waits.
+    resource_wait_s: Float = Field(default=600.0, ge=0.0)
 
 
 class TrackingCfg(Section):

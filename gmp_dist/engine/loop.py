@@ -57,6 +57,7 @@ class WorkerEnv:
     progress: Optional[Callable[..., Any]] = None
     scratch_dir: Path = Path(".")  # where rank 0 writes a checkpoint before reporting it
     run_id: Optional[str] = None
+    after_restore: Optional[Callable[[], None]] = None  # e.g. delete a downloaded copy of resume_from
 
 
 @dataclass
@@ -103,6 +104,33 @@ def terminal_progress() -> Optional[Callable[..., Any]]:
 
 
 def train(cfg: RunConfig, env: WorkerEnv) -> dict:
+    with determinism(cfg.train.deterministic):
+        return _train(cfg, env)
+
+
+@contextlib.contextmanager
+def determinism(enabled: bool):
+    """``train.deterministic``: PyTorch's deterministic kernels and fixed cuDNN algorithms for the block.
+
+    Ops without a deterministic kernel (some CUDA backward passes) warn instead of failing the run; the
+    previous settings return afterwards, so an in-process run leaves the interpreter as it found it.
+    """
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read by cuBLAS at its first use
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+
+
+def _train(cfg: RunConfig, env: WorkerEnv) -> dict:
     ctx = env.ctx
     if ctx.world_size > 1:  # one line that says which process is which (to debug, profile or kill one)
         pids = TorchCollective(ctx).allgather(os.getpid())
@@ -131,6 +159,8 @@ def train(cfg: RunConfig, env: WorkerEnv) -> dict:
     state = RunState()
     if env.resume_from is not None:
         restore_training_state(env.resume_from, model, optimizer, scheduler, controller, state, ctx)
+        if env.after_restore is not None:
+            env.after_restore()
         if ctx.is_main and getattr(env.tracker, "logged_values", 0):
             log.info("MLflow run %s already holds %d metric values from before the restart; re-logged steps are"
                      " skipped", env.run_id, env.tracker.logged_values)

@@ -17,9 +17,10 @@ from gmp_dist.checkpoint import (
 from gmp_dist.config import dump_config
 from gmp_dist.dist import DistContext, TorchCollective
 from gmp_dist.errors import UserError
+from gmp_dist.storage import CHECKPOINT_NAME, checkpoint_file
 
+__all__ = ["CHECKPOINT_NAME", "restore_training_state", "write_training_checkpoint"]
 log = logging.getLogger(__name__)
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def write_training_checkpoint(env, cfg, model, optimizer, scheduler, controller, state) -> Optional[Path]:
@@ -27,7 +28,7 @@ def write_training_checkpoint(env, cfg, model, optimizer, scheduler, controller,
     rng_per_rank = TorchCollective(env.ctx).allgather(capture_rng_state())
     if not env.ctx.is_main:
         return None
-    path = Path(env.scratch_dir) / f"epoch_{state.epoch:04d}" / CHECKPOINT_NAME
+    path = checkpoint_file(env.scratch_dir, state.epoch)
     save_checkpoint({
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),

@@ -25,18 +25,22 @@ def reference_layer_sparsities(sizes: Sequence[int], vanilla_kept: Sequence[int]
                                min_weights: int) -> list[float]:
     """Rescale-and-clamp, starting from plain Global MP's per-layer sparsities."""
     n_total = sum(sizes)
-    s = [0.0 if n <= min_weights else 1.0 - k / n for n, k in zip(sizes, vanilla_kept)]
+
+    def clamp(ratios: list[float]) -> list[float]:
+        # Layers no larger than m stay dense; any other layer keeping fewer than m is held at exactly m.
+        return [min(sl, 1.0 - min_weights / n) if n > min_weights else 0.0 for n, sl in zip(sizes, ratios)]
 
     def total() -> float:
         return sum(n * sl for n, sl in zip(sizes, s)) / n_total
 
+    # The clamp comes first and unconditionally, as in the official step 2: plain Global MP may already
+    # meet s exactly while starving layers below m (ResNet-50 at 98%), and those must still be lifted.
+    s = clamp([1.0 - k / n if n else 0.0 for n, k in zip(sizes, vanilla_kept)])
     for _ in range(_MAX_ROUNDS):
         current = total()
         if current >= sparsity - 1e-12 or current == 0.0:
             break
-        factor = sparsity / current
-        s = [sl * factor for sl in s]
-        s = [min(sl, 1.0 - min_weights / n) if n > min_weights else 0.0 for n, sl in zip(sizes, s)]
+        s = clamp([sl * (sparsity / current) for sl in s])
     if total() < sparsity - 1e-6:
         reachable = sum(max(0, n - min_weights) for n in sizes) / n_total
         raise InfeasibleError(f"reference MT cannot reach sparsity {sparsity} with {min_weights} weights per"

@@ -22,11 +22,17 @@ import copy
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-import yaml
 from pydantic import Field, field_validator, model_validator
 
 from gmp_dist.config import RunConfig, validate_config
-from gmp_dist.config.load import apply_overrides, merge_bases, read_config_data, set_key, validate_model
+from gmp_dist.config.load import (
+    apply_overrides,
+    merge_bases,
+    read_config_data,
+    read_yaml_mapping,
+    set_key,
+    validate_model,
+)
 from gmp_dist.config.schema import Float, Section
 from gmp_dist.errors import UserError
 
@@ -125,14 +131,7 @@ class StudyFile(Section):
 def load_study(path: str | Path, overrides: Sequence[str] = ()) -> tuple[StudyCfg, RunConfig, Path]:
     """Read and validate the study file and its base run config; returns (study, base run config, file)."""
     source = Path(path)
-    if not source.is_file():
-        raise UserError(f"study config {source} does not exist (give a YAML file, e.g. configs/study/digits.yaml)")
-    try:
-        raw = yaml.safe_load(source.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"study config {source} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"study config {source} must be a mapping with a `study:` section")
+    raw = read_yaml_mapping(source, "study config", "configs/study/digits.yaml")
     study_sets = [o for o in overrides if o.split("=", 1)[0].startswith("study.")]
     run_sets = [o for o in overrides if o not in study_sets]
     apply_overrides(raw, study_sets)

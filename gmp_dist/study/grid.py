@@ -65,7 +65,8 @@ class StudyPlan:
 
 
 def plan_study(study: StudyCfg, base: RunConfig, out: Path) -> StudyPlan:
-    from gmp_dist.commands.train import preflight, run_folder
+    from gmp_dist.commands.train import preflight
+    from gmp_dist.storage import run_folder
 
     out = out.resolve()
     storage = str(out / "runs")
@@ -77,7 +78,7 @@ def plan_study(study: StudyCfg, base: RunConfig, out: Path) -> StudyPlan:
         settings = {**study.dense.set, **common, "name": name, "tracking.run_name": name, "prune.method": "none"}
         dense_cfg = _checked(base, settings, "study.dense.set")
         preflight(dense_cfg)
-        dense_source = str(run_folder(dense_cfg) / DENSE_FINAL)
+        dense_source = str(run_folder(dense_cfg).child(DENSE_FINAL))
     else:
         dense_source = study.dense.checkpoint
     n_prunable = _prunable_weights(base)

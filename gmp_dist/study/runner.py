@@ -16,18 +16,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import yaml
 
 from gmp_dist.commands.sweep import Outcome, Point, run_point, start_parent_run, tag_children
 from gmp_dist.errors import UserError
 from gmp_dist.reporting.collect import TAG_SWEEP
+from gmp_dist.signals import stop_on_signals
 from gmp_dist.study.grid import StudyPlan, StudyPoint, fingerprint
 from gmp_dist.study.records import (
     FAILED,
@@ -44,27 +43,6 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "study.json"
 TAG_STUDY = "gmp_dist.study"  # on the parent: the study's name
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where Ctrl-C would be so every run on the way ends KILLED (exit 143)."""
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    # TODO(issue 10): replace with gmp_dist.signals once it is on main; same behaviour, one home.
-    def handler(signum, frame):
-        raise Terminated()
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -88,7 +66,7 @@ def run_study(plan: StudyPlan, write_outputs) -> StudyResult:
     result = StudyResult([], None, parent, "FAILED")
     outcomes: list[Outcome] = []
     try:
-        with sigterm_as_interrupt():
+        with stop_on_signals():  # SIGINT/SIGTERM: every run on the way ends KILLED (exit 130/143)
             result.dense_top1 = _ensure_dense(plan, parent, outcomes)
             meter = ModelMeter(plan.base)
             for point in execution_order(plan):
