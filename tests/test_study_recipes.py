@@ -74,7 +74,7 @@ def _children(tmp: Path, parent: str) -> list:
 
 def test_resnet50_imagenet_study(tmp_path):
     data = imagenet_data(tmp_path)
-    size = ["data.image_size=64", "data.val_resize=72"]
+    size = ["data.resolution=64", "data.val_resize=72"]
     plan = _check_full_plan(RESNET50, _overrides(data, tmp_path, size), tmp_path / "plan", 9, [0.8, 0.9, 0.953, 0.9805])
     assert plan.dense_cfg is None and plan.dense_source.startswith("torchvision:")
     assert plan.prunable_weights == 25_502_912
