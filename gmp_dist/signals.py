@@ -22,7 +22,7 @@ from typing import Iterator
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_state: dict = {"depth": 0, "stopping": False, "signum": None}
+_state: dict = {"depth": 0, "stopping": False, "signum": None, "deferring": 0, "pending": None}
 
 
 class Stopped(KeyboardInterrupt):
@@ -51,6 +51,9 @@ def describe(exc: KeyboardInterrupt) -> str:
 
 
 def _handler(signum: int, frame) -> None:
+    if _state["deferring"] and not _state["stopping"] and _state["pending"] is None:
+        _state["pending"] = signum  # raised when the deferred section ends
+        return
     if _state["stopping"]:
         log.warning("%s received while stopping; still cleaning up (SIGKILL ends it at once)",
                     signal.Signals(signum).name)
@@ -59,6 +62,21 @@ def _handler(signum: int, frame) -> None:
     log.warning("%s received: stopping the workers and ending the MLflow run as KILLED",
                 signal.Signals(signum).name)
     raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold a stop signal until the block ends. For short writes that must not be cut in half: an MLflow
+    sqlite commit interrupted by :class:`Stopped` keeps its write lock, and ending the run KILLED then
+    fails with "database is locked"."""
+    _state["deferring"] += 1
+    try:
+        yield
+    finally:
+        _state["deferring"] -= 1
+        signum, _state["pending"] = _state["pending"], None
+        if signum is not None and not _state["deferring"]:
+            _handler(signum, None)
 
 
 def rearm() -> None:

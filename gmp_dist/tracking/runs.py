@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gmp_dist import __version__
+from gmp_dist import __version__, signals
 from gmp_dist.config import RunConfig, dump_config, flatten_config
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,26 @@ def _absolute_sqlite(uri: str) -> str:
 def client(uri: str):
     from mlflow import MlflowClient  # deferred: importing mlflow costs seconds
 
-    return MlflowClient(tracking_uri=uri)
+    return _SignalSafeClient(MlflowClient(tracking_uri=uri))
+
+
+class _SignalSafeClient:
+    """An MlflowClient whose calls finish before a SIGINT/SIGTERM stop is raised (gmp_dist.signals.deferred):
+    a stop raised inside a sqlite commit would leave the store locked for the KILLED status write."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            with signals.deferred():
+                return attr(*args, **kwargs)
+
+        return call
 
 
 def start_run(cfg: RunConfig, *, parent_run_id: str | None = None, extra_tags: dict | None = None) -> str | None:
