@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -114,12 +115,14 @@ def test_every_method_through_the_cli(method, tmp_path):
 
 def test_snip_reads_batches_of_the_config_data(tmp_path, digits_dir):
     cfg = tmp_path / "snip.yaml"
-    cfg.write_text(f"data:\n  name: digits\n  path: {digits_dir}\n  loader: torchvision\nprune:\n  snip:\n"
-                   "    batches: 2\n")
+    cfg.write_text(f"model:\n  name: digits_cnn\ndata:\n  name: digits\n  path: {digits_dir}\n  loader: torchvision\n"
+                   "prune:\n  snip:\n    batches: 2\n")
     out = tmp_path / "o.pt"
-    assert _run("prune", "--model", "digits_cnn", "--method", "snip", "--config", str(cfg), "--sparsity", "0.9",
+    # no --model: the config's model.name is used
+    assert _run("prune", "--method", "snip", "--config", str(cfg), "--sparsity", "0.9",
                 "--min-threshold-pct", "0.2", "--out", str(out)) == 0
     report = json.loads(out.with_suffix(".json").read_text())
+    assert report["model"] == "digits_cnn"
     n = report["prunable_weights"]
     assert report["method"] == "snip" and report["kept_weights"] == n - round(0.9 * n)
     assert all(layer["kept"] >= min(int(n * 0.2 / 100), layer["weights"]) for layer in report["layers"])
@@ -136,3 +139,20 @@ def test_method_misuse_exits_2_and_writes_nothing(tmp_path, capsys, argv, needle
     assert _run("prune", "--model", "digits_cnn", "--out", str(out), *sparsity, *argv) == 2
     assert needle in capsys.readouterr().err
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_model_or_config_is_required(tmp_path, capsys):
+    assert _run("prune", "--sparsity", "0.9", "--out", str(tmp_path / "o.pt")) == 2
+    assert "--model is required" in capsys.readouterr().err
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_every_help_renders(capsys):
+    """argparse %-formats help strings: a stray "80%" once printed the argument's repr dict instead of the text."""
+    from gmp_dist.cli import build_parser
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in commands.items():
+        text = sub.format_help()
+        assert "option_strings" not in text and "%(" not in text, name
+    assert "last at most 80% sparse" in " ".join(commands["prune"].format_help().split())

@@ -32,11 +32,12 @@ log = logging.getLogger(__name__)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     methods = [info for info in available() if info.prunes]
     p.add_argument("--method", default="global_mp", choices=[info.name for info in methods],
-                   help="pruning method: " + "; ".join(f"{i.name}: {i.summary}" for i in methods))
+                   # argparse %-formats help text: a summary's "80%" must reach it as "80%%".
+                   help="pruning method: " + "; ".join(f"{i.name}: {i.summary}" for i in methods).replace("%", "%%"))
     p.add_argument("--config", metavar="CFG", help="a run config: its data section feeds data-driven methods"
                                                    " (snip), its prune.<method> section their options")
-    p.add_argument("--model", required=True,
-                   help="a registered name (resnet50, mobilenet_v1, ...), torchvision/<builder> (e.g."
+    p.add_argument("--model", default=None,
+                   help="required unless --config names one (its model.name): a registered name (resnet50, mobilenet_v1, ...), torchvision/<builder> (e.g."
                         " torchvision/resnet18) or <module>:<callable> (your own builder); `gmp-dist models` lists them")
     p.add_argument("--input-shape", type=parse_input_shape, default=None, metavar="C,H,W",
                    help="one input sample without the batch dimension, for FLOPs; required for <module>:<callable>,"
@@ -86,6 +87,8 @@ def _check_args(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     out = _check_args(args)
+    cfg = _load_config(args.config)
+    _fill_model_from_config(args, cfg)
     input_shape = input_shape_of(args.model, args.input_shape)
     torch.manual_seed(args.seed)
     model = build_model(args.model, num_classes=args.num_classes)
@@ -95,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
     tensors = [p.detach() for _, p in named]
     min_weights = resolve_min_weights(sum(t.numel() for t in tensors), args.min_weights, args.min_threshold_pct)
     method = get_method(args.method)
-    cfg = _load_config(args.config)
     options = _options(cfg, args.method)
     method.check([tuple(t.shape) for t in tensors], [n for n, _ in named], args.sparsity, min_weights, options,
                  has_data=cfg is not None)
@@ -123,6 +125,19 @@ def _load_config(path):
     from gmp_dist.config import load_config
 
     return load_config(path)
+
+
+def _fill_model_from_config(args: argparse.Namespace, cfg) -> None:
+    """--model, --num-classes and --input-shape default to the config's model section; flags win."""
+    if args.model is None:
+        if cfg is None:
+            raise UserError("--model is required (or --config CFG whose model.name is used); `gmp-dist models` lists"
+                            " the names")
+        args.model = cfg.model.name
+    if cfg is not None and args.model == cfg.model.name:
+        args.num_classes = args.num_classes if args.num_classes is not None else cfg.model.num_classes
+        if args.input_shape is None and cfg.model.input_shape:
+            args.input_shape = tuple(cfg.model.input_shape)
 
 
 def _options(cfg, method: str) -> dict:
