@@ -60,7 +60,7 @@ bench: install
 # On a lent GPU machine without this venv, the python3 that holds torch runs it (GPU_PY=... to choose).
 GPU_PY ?= $(shell $(PY) -c "import torch" >/dev/null 2>&1 && echo $(PY) || echo python3)
 gpu-check:
-	PYTHONPATH=$(CURDIR) $(GPU_PY) -m bench.gpu_check
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m bench.gpu_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache bench-results.json gpu-results.json

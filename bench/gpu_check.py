@@ -41,9 +41,10 @@ def _run(cmd: list[str], limit_s: float) -> tuple[int | None, str, str]:
 
 def _tests(limit_s: float) -> dict:
     report = REPO / "gpu-tests.xml"
-    code, out, err = _run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-ra", "-p", "no:cacheprovider",
-                           f"--junitxml={report}", "tests"], limit_s)
-    print(out[-4000:], err[-2000:], sep="\n", flush=True)
+    # -v and --durations: if the box runs out, the printed log still names what passed and what took the time.
+    code, out, err = _run([sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-ra", "--durations=0",
+                           "-p", "no:cacheprovider", f"--junitxml={report}", "tests"], limit_s)
+    print(out[-6000:], err[-2000:], sep="\n", flush=True)
     summary: dict = {"exit_code": code, "timed_out": code is None}
     if report.is_file():
         suite = ElementTree.parse(report).getroot()

@@ -152,9 +152,13 @@ def _sets(tmp: Path, data: Path, name: str, *extra: str) -> list[str]:
 
 def _check_checkpoint(folder: Path) -> Path:
     """The newest checkpoint of a run: its weights are zero exactly where its masks say, ~90% of them."""
+    from gmp_dist import storage
     from gmp_dist.checkpoint import load_checkpoint
 
-    path = sorted(folder.glob("epoch_*/checkpoint.pt"))[-1]
+    # The one rule for "newest": Ray runs nest epoch folders in checkpoint_<time>/, the local runner does not.
+    newest = storage.newest_checkpoint(storage.locate(folder))
+    assert newest is not None, f"no checkpoint under {folder}"
+    path = Path(newest.path)
     state = load_checkpoint(path)
     masks = state["pruner"]["masks"]
     kept = total = 0
