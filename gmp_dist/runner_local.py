@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from gmp_dist import storage
 from gmp_dist.config import RunConfig, dump_config, validate_config
-from gmp_dist.dist import DistContext, destroy_group, init_local_group
+from gmp_dist.dist import DistContext, local_group
 from gmp_dist.engine.loop import WorkerEnv, configure_worker_logging, terminal_progress, train
 from gmp_dist.engine.state import CHECKPOINT_NAME
 from gmp_dist.errors import UserError
@@ -124,11 +124,11 @@ def _worker(rank, world_size, port, config_yaml, tracking_uri, run_id) -> dict:
     if cfg.scaling.use_gpu:
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
-    if world_size > 1:
-        init_local_group(rank, world_size, port, "nccl" if device.type == "cuda" else "gloo")
-    if world_size > 1 and device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    try:
+    group = (local_group(rank, world_size, port, "nccl" if device.type == "cuda" else "gloo") if world_size > 1
+             else contextlib.nullcontext())
+    with group:
+        if world_size > 1 and device.type == "cpu":
+            torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         run = storage.run_folder(cfg)
         ctx = DistContext(rank, world_size, device.index or 0, device)
         newest = storage.newest_checkpoint(run) if cfg.checkpoint.resume else None
@@ -142,9 +142,6 @@ def _worker(rank, world_size, port, config_yaml, tracking_uri, run_id) -> dict:
                             scratch_dir=scratch, run_id=run_id, after_restore=download.close,
                             progress=terminal_progress())
             return train(cfg, env)
-    finally:
-        if world_size > 1:
-            destroy_group()
 
 
 def _free_port() -> int:

@@ -8,10 +8,9 @@ import socket
 
 import pytest
 import torch
-import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-from gmp_dist.dist import DistContext, TorchCollective, masks_checksum, verify_same_on_all_ranks
+from gmp_dist.dist import DistContext, TorchCollective, local_group, masks_checksum, verify_same_on_all_ranks
 from gmp_dist.models import build_model
 from gmp_dist.pruning.apply import decide_masks
 from gmp_dist.pruning.selection import prunable_parameters
@@ -26,8 +25,7 @@ def _weights(seed: int = 0) -> list[torch.Tensor]:
 
 
 def _rank_main(rank: int, world_size: int, port: int, out) -> None:
-    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
+    with local_group(rank, world_size, port):
         ctx = DistContext(rank, world_size)
         tensors = _weights()
         masks, decision = decide_masks(tensors, 0.95, 120, "exact", TorchCollective(ctx), rank, world_size)
@@ -42,8 +40,6 @@ def _rank_main(rank: int, world_size: int, port: int, out) -> None:
             mismatch_caught = True
         # numpy, not tensors: torch would pass shared-memory handles that vanish when this process exits
         out.put((rank, decision.as_tensor().numpy(), torch.cat([m.reshape(-1) for m in masks]).numpy(), mismatch_caught))
-    finally:
-        torch_dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -100,26 +96,27 @@ UNEVEN_SPLITS = (9, 1)  # 5 + 4 samples; 1 + 0 (rank 1 has no validation batch a
 
 
 def _uneven_eval_rank(rank: int, world_size: int, port: int, out) -> None:
+    with local_group(rank, world_size, port):
+        _uneven_eval(DistContext(rank, world_size), out)  # its DDP wrapper is garbage before the group ends
+
+
+def _uneven_eval(ctx: DistContext, out) -> None:
     from gmp_dist.data.batches import val_indices
     from gmp_dist.engine.evaluate import evaluate
 
-    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        ctx = DistContext(rank, world_size)
-        net = torch.nn.parallel.DistributedDataParallel(_tiny_bn_model())
-        for num_val in UNEVEN_SPLITS:
-            # A training step first: DDP then owes a buffer broadcast at its next forward, which a rank
-            # without validation batches would never join.
-            g = torch.Generator().manual_seed(10 + rank)
-            net(torch.randn(6, 4, generator=g)).sum().backward()
-            x, y = _val_data(num_val)
-            idx = val_indices(num_val, rank, world_size).tolist()
-            batches = [(x[idx[i:i + 2]], y[idx[i:i + 2]]) for i in range(0, len(idx), 2)]
-            metrics = evaluate(net, batches, ctx, contextlib.nullcontext)
-            state = {k: v.numpy().copy() for k, v in net.module.state_dict().items()}
-            out.put((num_val, rank, len(idx), metrics, state))
-    finally:
-        torch_dist.destroy_process_group()
+    rank, world_size = ctx.rank, ctx.world_size
+    net = torch.nn.parallel.DistributedDataParallel(_tiny_bn_model())
+    for num_val in UNEVEN_SPLITS:
+        # A training step first: DDP then owes a buffer broadcast at its next forward, which a rank
+        # without validation batches would never join.
+        g = torch.Generator().manual_seed(10 + rank)
+        net(torch.randn(6, 4, generator=g)).sum().backward()
+        x, y = _val_data(num_val)
+        idx = val_indices(num_val, rank, world_size).tolist()
+        batches = [(x[idx[i:i + 2]], y[idx[i:i + 2]]) for i in range(0, len(idx), 2)]
+        metrics = evaluate(net, batches, ctx, contextlib.nullcontext)
+        state = {k: v.numpy().copy() for k, v in net.module.state_dict().items()}
+        out.put((num_val, rank, len(idx), metrics, state))
 
 
 def test_evaluation_counts_every_sample_once_on_an_uneven_split():

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from gmp_dist.dist import DistContext, TorchCollective, destroy_group, init_local_group
+from gmp_dist.dist import DistContext, TorchCollective, local_group
 from gmp_dist.models import build_model, get_spec
 from gmp_dist.pruning.global_mp import kept_budget
 from gmp_dist.pruning.methods import DataSource, PruneRequest, get_method
@@ -55,14 +55,11 @@ def test_snip_equals_brute_force(sparsity, min_weights):
 
 def _snip_rank(rank: int, port: int, out) -> None:
     torch.set_num_threads(1)
-    init_local_group(rank, 2, port)
-    try:
+    with local_group(rank, 2, port):
         model, batches = _snip_model(), _batches(2)
         comm = TorchCollective(DistContext(rank, 2))
         result = get_method("snip").decide(_snip_request(model, [batches[rank]], 0.9, 5, comm, rank, 2))
         out.put((rank, torch.cat([m.reshape(-1) for m in result.masks]).numpy()))
-    finally:
-        destroy_group()
 
 
 def test_snip_gradients_all_reduced_across_two_gloo_processes():
