@@ -98,7 +98,7 @@ def broadcast_buffers(ctx: DistContext, module: torch.nn.Module) -> None:
 @contextlib.contextmanager
 def local_group(rank: int, world_size: int, port: int, backend: str = "gloo") -> Iterator[None]:
     """Be rank ``rank`` of a group of ``world_size`` processes on this machine (the no-Ray runner and its
-    tests) for the ``with`` block; NCCL when each process drives its own CUDA device.
+    tests) for the ``with`` block; NCCL when each process drives its own CUDA device. A no-op for one process.
 
     After a clean block every rank collects garbage (a DDP wrapper holds the group from inside a reference
     cycle) and meets the others at a barrier before the group is destroyed. Without that, one rank of two
@@ -107,6 +107,9 @@ def local_group(rank: int, world_size: int, port: int, backend: str = "gloo") ->
     its last collective, or at interpreter exit. After an error the group is destroyed at once: a barrier
     would wait for peers that may never come.
     """
+    if world_size == 1:
+        yield
+        return
     torch_dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         yield

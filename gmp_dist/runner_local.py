@@ -124,9 +124,7 @@ def _worker(rank, world_size, port, config_yaml, tracking_uri, run_id) -> dict:
     if cfg.scaling.use_gpu:
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
-    group = (local_group(rank, world_size, port, "nccl" if device.type == "cuda" else "gloo") if world_size > 1
-             else contextlib.nullcontext())
-    with group:
+    with local_group(rank, world_size, port, "nccl" if device.type == "cuda" else "gloo"):
         if world_size > 1 and device.type == "cpu":
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         run = storage.run_folder(cfg)
