@@ -11,8 +11,8 @@ One training per point of the grids' cartesian product, all under one MLflow par
   (KILLED on SIGINT/SIGTERM, which stop the points and exit 130/143); its ``sweep.md`` artifact holds
   the results table that is also printed.
 - Sequential by default, in this process. ``--concurrent N`` runs up to N points at once, each in its own
-  Python process (``python -m gmp_dist.commands.sweep CHILD_CONFIG PARENT_RUN_ID RESULT_JSON``) whose
-  output is shown prefixed with the point's name. With Ray, export ``RAY_ADDRESS`` (a cluster, or
+  Python process (``gmp_dist.commands.sweep_processes``) whose output is shown prefixed with the
+  point's name. With Ray, export ``RAY_ADDRESS`` (a cluster, or
   ``launch/local_cluster.sh start``) so the points share one cluster instead of starting one Ray each.
 
 Exit status: 0 when every point finished, 2 when every failure was bad input, 1 otherwise.
@@ -26,21 +26,14 @@ import json
 import logging
 import os
 import re
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
-import traceback
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
 
-from gmp_dist import signals
-from gmp_dist.config import RunConfig, dump_config, load_config
+from gmp_dist.commands.sweep_processes import run_in_processes
+from gmp_dist.config import RunConfig, load_config
 from gmp_dist.errors import UserError
 from gmp_dist.reporting.collect import TAG_PARENT, TAG_SWEEP, TAG_SWEEP_POINT
 from gmp_dist.reporting.tables import sweep_markdown
@@ -52,7 +45,6 @@ log = logging.getLogger(__name__)
 # sweep names the children itself.
 _FIXED_KEYS = ("name", "experiment", "tracking.uri", "tracking.enabled", "tracking.run_name")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._=+-]+")
-_STOP_GRACE_S = 60
 
 
 @dataclass(frozen=True)
@@ -230,7 +222,7 @@ def run_sweep(base: RunConfig, points: Sequence[Point], grid: Sequence[tuple[str
     try:
         if concurrent > 1:
             _warn_if_many_rays(points)
-            _run_in_processes(outcomes, parent, concurrent)
+            run_in_processes(outcomes, parent, concurrent)
         else:
             for outcome in outcomes:
                 run_point(outcome, parent)
@@ -282,69 +274,6 @@ def run_point(outcome: Outcome, parent: Optional[str]) -> None:
         log.exception("%s failed", point.name)
 
 
-def _run_in_processes(outcomes: Sequence[Outcome], parent: Optional[str], concurrent: int) -> None:
-    procs: dict[int, subprocess.Popen] = {}
-    lock = threading.Lock()
-    stopping = threading.Event()
-    with tempfile.TemporaryDirectory(prefix="gmp-sweep-") as tmp:
-        def one(index: int) -> None:
-            if stopping.is_set():
-                return
-            outcome = outcomes[index]
-            config_path = Path(tmp) / f"point{index}.yaml"
-            result_path = Path(tmp) / f"point{index}.json"
-            config_path.write_text(dump_config(outcome.point.cfg))
-            command = [sys.executable, "-m", "gmp_dist.commands.sweep", str(config_path), parent or "", str(result_path)]
-            with lock:
-                if stopping.is_set():
-                    return
-                proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        errors="replace", bufsize=1)
-                procs[index] = proc
-            prefix = f"[{outcome.point.name}] "
-            for line in proc.stdout:
-                sys.stderr.write(prefix + line)
-            code = proc.wait()
-            _read_child_result(outcome, result_path, code)
-
-        pool = ThreadPoolExecutor(max_workers=concurrent, thread_name_prefix="sweep")
-        futures = [pool.submit(one, i) for i in range(len(outcomes))]
-        try:
-            for future in futures:
-                future.result()
-        except KeyboardInterrupt:
-            stopping.set()
-            _stop_children(procs, lock)
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _stop_children(procs: dict[int, subprocess.Popen], lock: threading.Lock) -> None:
-    """SIGINT lets each child mark its MLflow run KILLED; kill the ones that do not end in time."""
-    with lock:
-        live = [p for p in procs.values() if p.poll() is None]
-    for proc in live:
-        proc.send_signal(signal.SIGINT)
-    for proc in live:
-        try:
-            proc.wait(timeout=_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _read_child_result(outcome: Outcome, path: Path, code: int) -> None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        data = {}
-    outcome.status = data.get("status") or ("FINISHED" if code == 0 else "KILLED" if code in (130, 143) else "FAILED")
-    outcome.result = data.get("result") or {}
-    outcome.run_id = outcome.result.get("run_id")
-    outcome.error = data.get("error") or (None if code == 0 else f"exit code {code}")
-    outcome.user_error = bool(data.get("user_error")) or code == 2
-
-
 def _warn_if_many_rays(points: Sequence[Point]) -> None:
     if any(p.cfg.scaling.use_ray for p in points) and not os.environ.get("RAY_ADDRESS"):
         log.warning("--concurrent without RAY_ADDRESS: every point starts its own local Ray instance. To share one,"
@@ -383,40 +312,3 @@ def _log_table(uri: str, parent: str, grid, outcomes: Sequence[Outcome]) -> None
 def results_table(grid: Sequence[tuple[str, list[str]]], outcomes: Sequence[Outcome]) -> str:
     return sweep_markdown([k for k, _ in grid], [([v for _, v in o.point.settings], o.status, o.run_id, o.result)
                                                  for o in outcomes])
-
-
-# ----- one point in a child process (--concurrent) ---------------------------------------------------------
-
-def _child_main(argv: Sequence[str]) -> int:
-    """``CHILD_CONFIG PARENT_RUN_ID RESULT_JSON``: train one point, write its outcome as JSON."""
-    from gmp_dist.commands.train import run_training, summary_line
-
-    config_path, parent, result_path = argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-
-    def write(data: dict) -> None:
-        Path(result_path).write_text(json.dumps(data, default=str))
-
-    try:
-        cfg = load_config(config_path)
-        with stop_on_signals():
-            result = run_training(cfg, parent_run_id=parent or None)
-    except KeyboardInterrupt as exc:
-        write({"status": "KILLED", "error": signals.describe(exc)})
-        return signals.exit_code(exc)
-    except UserError as exc:
-        print(f"gmp-dist sweep: error: {exc}", file=sys.stderr)
-        write({"status": "FAILED", "error": str(exc), "user_error": True})
-        return 2
-    except Exception as exc:
-        traceback.print_exc()
-        write({"status": "FAILED", "error": f"{type(exc).__name__}: {exc}"})
-        return 1
-    print(summary_line(cfg, result))
-    write({"status": "FINISHED", "result": result})
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1:]))
