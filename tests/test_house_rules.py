@@ -3,7 +3,9 @@
 - ``torch.distributed`` only in ``gmp_dist/dist.py``;
 - ``ray`` only in ``gmp_dist/ray_launcher.py``;
 - ``mlflow`` only under ``gmp_dist/tracking/``;
-- ``gmp_dist/pruning/`` imports only the standard library, torch, numpy and itself.
+- ``gmp_dist/pruning/`` imports only the standard library, torch, numpy and itself;
+- the command layer (``cli.py``, ``__main__.py``, ``commands/``, ``study/``) sits on top: no other module
+  imports it, so the engine, data, tracking and launchers stay usable without the CLI.
 
 Imports are read from the syntax tree (function-level imports included), plus attribute chains such as
 ``torch.distributed.all_reduce`` that reach the module without importing it by name.
@@ -64,6 +66,14 @@ def _violations(allowed_file, module_prefix: str) -> list[str]:
 ])
 def test_module_used_only_in_its_home(module, allowed):
     assert _violations(allowed, module) == []
+
+
+COMMAND_LAYER = ("gmp_dist/cli.py", "gmp_dist/__main__.py", "gmp_dist/commands/", "gmp_dist/study/")
+
+
+@pytest.mark.parametrize("module", ["gmp_dist.cli", "gmp_dist.commands", "gmp_dist.study"])
+def test_command_layer_is_imported_only_from_itself(module):
+    assert _violations(lambda rel: rel.startswith(COMMAND_LAYER), module) == []
 
 
 def test_pruning_core_is_pure():
