@@ -23,18 +23,22 @@ reads it: loading a checkpoint never runs pickled code.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pickle
 import random
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from gmp_dist.errors import UserError
 
+log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "gmp-dist/1"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrap parameter names
 _MAX_LISTED = 8
@@ -99,6 +103,32 @@ def load_checkpoint(path) -> dict:
     if not isinstance(state, dict):
         raise UserError(f"checkpoint {source} holds a {type(state).__name__}, expected a dict ({expected})")
     return state
+
+
+def is_complete(path: str | Path) -> bool:
+    """Whether a checkpoint file was written to its end. ``torch.save`` writes a zip archive whose central
+    directory comes last, so a copy cut short (a worker stopped while Ray persisted it to storage) has
+    none. Reads the directory only, not the tensors."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def newest_complete_checkpoint(run, stack: contextlib.ExitStack) -> Optional[Path]:
+    """A local path (valid until ``stack`` closes) of the newest whole checkpoint in the storage folder
+    ``run``, by :func:`gmp_dist.storage.checkpoints`' one order; one cut short is passed over with a
+    warning and left in place (deleting is for the user). None when the run has no whole checkpoint."""
+    from gmp_dist import storage
+
+    for found in reversed(storage.checkpoints(run)):
+        local = stack.enter_context(storage.local_file(found))
+        if is_complete(local):
+            return local
+        log.warning("passing over checkpoint %s: the file is cut short (written while its run was stopped?)",
+                    found.text)
+    return None
 
 
 def load_state_dict_checked(model: torch.nn.Module, state_dict: dict, *, source: str, model_name: str) -> None:

@@ -1,4 +1,4 @@
-"""Ray Train (V2) launch: the only module that imports ray (design.md §2).
+"""Ray Train (V2) launch: with ``ray_trainer`` (the trainer class), the only module that imports ray (design.md §2).
 
 The driver builds a ``TorchTrainer`` from the config. It joins the cluster named by ``RAY_ADDRESS``
 (as under ``ray job submit``), else starts a local Ray on loopback with a capped object store and shuts
@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Optional
 from gmp_dist import signals, storage
 from gmp_dist.config import RunConfig, dump_config
 from gmp_dist.errors import UserError
+from gmp_dist.ray_trainer import trainer_class
 
 log = logging.getLogger(__name__)
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
@@ -58,7 +59,7 @@ def ray_session(cfg: RunConfig) -> Iterator[Callable[[RunConfig, Optional[str], 
         wait_for_resources(ray, cfg, autoscaling_possible=not started_here)
         # A Ray started here goes down whole with ray.shutdown(); on a joined cluster the driver aborts the
         # Train run first, so its controller and workers stop before the driver leaves.
-        yield functools.partial(run_with_ray, abort_on_stop=not started_here)
+        yield functools.partial(run_with_ray, local_ray=started_here)
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -71,7 +72,9 @@ def ray_session(cfg: RunConfig) -> Iterator[Callable[[RunConfig, Optional[str], 
 
 
 def run_with_ray(cfg: RunConfig, tracking_uri: Optional[str], run_id: Optional[str], *,
-                 abort_on_stop: bool = True) -> dict:
+                 local_ray: bool = False) -> dict:
+    """Train on the Ray this process is connected to; ``local_ray``: this driver started it (it goes
+    down with the driver, and Train V2's helpers for long-lived clusters are left out)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -84,7 +87,7 @@ def run_with_ray(cfg: RunConfig, tracking_uri: Optional[str], run_id: Optional[s
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     storage_path, storage_filesystem = storage.ray_storage(cfg.checkpoint.storage_path)
-    trainer = _trainer_class(TorchTrainer)(
+    trainer = trainer_class(TorchTrainer, local_ray=local_ray)(
         _train_loop_per_worker,
         train_loop_config={"config_yaml": dump_config(cfg), "tracking_uri": tracking_uri, "run_id": run_id,
                            "cwd": os.getcwd(), "scratch_prefix": _scratch_prefix(cfg),
@@ -100,41 +103,13 @@ def run_with_ray(cfg: RunConfig, tracking_uri: Optional[str], run_id: Optional[s
     try:
         result = trainer.fit()
     except KeyboardInterrupt:  # our SIGINT/SIGTERM handler fired inside fit (ray.get re-raises it plainly)
-        if abort_on_stop:
+        if not local_ray:
             log.info("aborting the Ray Train run")
             trainer.abort()
         raise
     if result.error is not None:
         raise result.error
     return dict(result.metrics or {})
-
-
-def _trainer_class(base):
-    """``base`` (TorchTrainer) that leaves SIGINT to :mod:`gmp_dist.signals` and can abort its run.
-
-    Train V2's ``fit`` installs a SIGINT handler of its own that aborts the run and then exits 0 or 1, so
-    the driver could not tell a stop from a success nor end the MLflow run KILLED. Keeping the
-    controller's handle instead lets the driver abort the run gracefully (workers stopped by Ray Train)
-    on SIGINT and SIGTERM alike.
-    """
-
-    class Trainer(base):
-        _controller = None
-
-        def _register_sigint_handler(self, controller) -> None:
-            self._controller = controller
-
-        def abort(self) -> None:
-            import ray
-
-            if self._controller is None:
-                return
-            try:
-                ray.get(self._controller.abort.remote(), timeout=15)
-            except Exception as exc:  # the controller exits while answering: that is the success case
-                log.debug("Train controller abort: %s", exc)
-
-    return Trainer
 
 
 def wait_for_resources(ray, cfg: RunConfig, *, autoscaling_possible: bool) -> None:
@@ -235,9 +210,6 @@ def _connect(ray, cfg: RunConfig) -> bool:
             raise UserError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {exc}; start one with"
                             " `launch/local_cluster.sh start` or unset RAY_ADDRESS to run locally") from None
         return False
-    # One machine cannot be preempted piecemeal: skip Train V2's preemption-watcher actor, whose idle
-    # Ray core worker alone costs ~1% of a core (propagated to the Train controller from this env).
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # address="local": always a fresh instance, never silently joining another cluster on this machine.
     ray.init(address="local", num_cpus=_local_cpus(cfg), include_dashboard=False,
              object_store_memory=LOCAL_OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1",
@@ -252,6 +224,7 @@ def _train_loop_per_worker(loop_config: dict) -> None:
     import torch
     import yaml
 
+    from gmp_dist.checkpoint import newest_complete_checkpoint
     from gmp_dist.config import validate_config
     from gmp_dist.dist import DistContext
     from gmp_dist.engine.loop import WorkerEnv, configure_worker_logging, train
@@ -275,11 +248,12 @@ def _train_loop_per_worker(loop_config: dict) -> None:
             local = Path(restored.to_directory(str(scratch / "restored")))
             newest = storage.newest_checkpoint(storage.locate(local))
             resume_from = Path(newest.path) if newest else None
-        elif cfg.checkpoint.resume:
+        else:
             # Ray registers a checkpoint only at its controller's next poll; one persisted just before the
-            # driver was stopped is in storage all the same, and the one newest-checkpoint rule finds it.
-            newest = storage.newest_checkpoint(storage.run_folder(cfg))
-            resume_from = download.enter_context(storage.local_file(newest)) if newest else None
+            # driver was stopped (checkpoint.resume) or a worker died (Ray restarts the group with no
+            # checkpoint) is in storage all the same. Whatever the run folder holds is this run's: preflight
+            # refuses a fresh run whose folder has checkpoints. A file cut short mid-upload is passed over.
+            resume_from = newest_complete_checkpoint(storage.run_folder(cfg), download)
 
         def after_restore() -> None:
             shutil.rmtree(scratch / "restored", ignore_errors=True)

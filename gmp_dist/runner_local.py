@@ -20,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 
 from gmp_dist import storage
+from gmp_dist.checkpoint import newest_complete_checkpoint
 from gmp_dist.config import RunConfig, dump_config, validate_config
 from gmp_dist.dist import DistContext, local_group
 from gmp_dist.engine.loop import WorkerEnv, configure_worker_logging, terminal_progress, train
@@ -129,14 +130,14 @@ def _worker(rank, world_size, port, config_yaml, tracking_uri, run_id) -> dict:
             torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         run = storage.run_folder(cfg)
         ctx = DistContext(rank, world_size, device.index or 0, device)
-        newest = storage.newest_checkpoint(run) if cfg.checkpoint.resume else None
         with contextlib.ExitStack() as stack:
             scratch = Path(run.path) if run.is_local else Path(stack.enter_context(
                 tempfile.TemporaryDirectory(prefix="gmp-ckpt-local-")))
             download = stack.enter_context(contextlib.ExitStack())  # closed once restored: one local copy
+            resume_from = newest_complete_checkpoint(run, download) if cfg.checkpoint.resume else None
             env = WorkerEnv(ctx=ctx, tracker=make_tracker(tracking_uri, run_id, rank),
                             reporter=FolderReporter(run, cfg.checkpoint.num_to_keep),
-                            resume_from=download.enter_context(storage.local_file(newest)) if newest else None,
+                            resume_from=resume_from,
                             scratch_dir=scratch, run_id=run_id, after_restore=download.close,
                             progress=terminal_progress())
             return train(cfg, env)

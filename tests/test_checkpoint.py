@@ -11,8 +11,10 @@ import torch
 from gmp_dist.checkpoint import (
     CHECKPOINT_FORMAT,
     capture_rng_state,
+    is_complete,
     load_checkpoint,
     load_state_dict_checked,
+    newest_complete_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
@@ -95,6 +97,39 @@ def test_truncated_and_garbage_files_are_user_errors(tmp_path):
     for bad in (truncated, garbage, empty):
         with pytest.raises(UserError, match=rf"checkpoint .*{bad.name} is truncated or not a torch.save file"):
             load_checkpoint(bad)
+
+
+def test_is_complete_tells_a_whole_file_from_one_cut_short(tmp_path):
+    good = save_checkpoint({"w": torch.randn(1000)}, tmp_path / "good.pt")
+    data = good.read_bytes()
+    assert is_complete(good)
+    for cut in (1, 22, len(data) // 2, len(data) - 1):  # 22: the end-of-central-directory record's size
+        short = tmp_path / f"cut{cut}.pt"
+        short.write_bytes(data[: len(data) - cut])
+        assert not is_complete(short), cut
+    (tmp_path / "garbage.pt").write_bytes(b"not a zip")
+    assert not is_complete(tmp_path / "garbage.pt") and not is_complete(tmp_path / "missing.pt")
+
+
+def test_newest_complete_checkpoint_passes_over_one_cut_short(tmp_path, caplog):
+    """Ray's layout: epoch folders in timestamped checkpoint folders; the newest was cut mid-upload."""
+    import contextlib
+
+    from gmp_dist import storage
+
+    run = tmp_path / "run"
+    for epoch, stamp in ((1, "10-00-01"), (2, "10-00-02"), (3, "10-00-03")):
+        save_checkpoint({"epoch": epoch}, run / f"checkpoint_{stamp}" / f"epoch_{epoch:04d}" / "checkpoint.pt")
+    newest = run / "checkpoint_10-00-03" / "epoch_0003" / "checkpoint.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    with contextlib.ExitStack() as stack:
+        found = newest_complete_checkpoint(storage.locate(run), stack)
+        assert found == run / "checkpoint_10-00-02" / "epoch_0002" / "checkpoint.pt"
+        assert load_checkpoint(found)["epoch"] == 2
+    assert "passing over checkpoint" in caplog.text and "epoch_0003" in caplog.text
+    assert newest.exists()  # left for the user to look at
+    with contextlib.ExitStack() as stack:
+        assert newest_complete_checkpoint(storage.locate(tmp_path / "empty"), stack) is None
 
 
 def test_non_dict_and_pickled_objects_are_refused(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,24 @@ def test_step_based_gradual_schedule_resumes_exactly(tmp_path, dense_checkpoint)
     assert a["global_step"] == b["global_step"] == 24
     for name, mask in a["pruner"]["masks"].items():
         assert torch.equal(mask, b["pruner"]["masks"][name]), name
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_resume_passes_over_a_checkpoint_cut_short(tmp_path, dense_checkpoint, caplog):
+    """The newest checkpoint was cut short (a copy stopped mid-write): resume continues from the one
+    before it, and the deterministic replay ends bit-identical to the straight run."""
+    _, straight = _run(tmp_path, "cut-straight", dense_checkpoint, "tracking.enabled=false")
+    _run(tmp_path, "cut", dense_checkpoint, "tracking.enabled=false", "train.stop_after_epochs=2")
+    newest = Path(storage.newest_checkpoint(storage.locate(tmp_path / "runs" / "cut")).path)
+    assert newest.parent.name == "epoch_0002"
+    newest.write_bytes(newest.read_bytes()[:-100])
+    caplog.set_level(logging.INFO)
+    _, resumed = _run(tmp_path, "cut", dense_checkpoint, "tracking.enabled=false", "checkpoint.resume=true")
+    assert "passing over checkpoint" in caplog.text and "resumed from" in caplog.text
+    assert "at epoch 1 (step 6)" in caplog.text
+    a, b = _final_checkpoint(tmp_path, "cut-straight"), _final_checkpoint(tmp_path, "cut")
+    assert a["global_step"] == b["global_step"] == 24
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
 

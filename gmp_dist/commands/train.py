@@ -9,6 +9,7 @@ otherwise — never left RUNNING. Resources (GPUs, cluster size) are checked bef
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from pathlib import Path
 from typing import Optional
@@ -151,15 +152,17 @@ def _resumed_run_id(cfg: RunConfig, uri: Optional[str]) -> Optional[str]:
     if not cfg.checkpoint.resume or uri is None:
         return None
     from gmp_dist import storage
-    from gmp_dist.checkpoint import load_checkpoint
+    from gmp_dist.checkpoint import load_checkpoint, newest_complete_checkpoint
     from gmp_dist.tracking.runs import client
 
     folder = storage.run_folder(cfg)
-    newest = storage.newest_checkpoint(folder)
-    run_id = load_checkpoint(newest).get("mlflow_run_id") if newest else storage.read_run_id(folder)
+    with contextlib.ExitStack() as downloads:
+        newest = newest_complete_checkpoint(folder, downloads)
+        run_id = load_checkpoint(newest).get("mlflow_run_id") if newest else None
+    run_id = run_id or storage.read_run_id(folder)
     if run_id:
         client(uri).update_run(run_id, status="RUNNING")
-        log.info("continuing MLflow run %s from %s", run_id, newest or folder)
+        log.info("continuing MLflow run %s from %s", run_id, folder)
     return run_id
 
 
@@ -167,14 +170,14 @@ def _publish_final(cfg: RunConfig, uri: Optional[str], run_id: Optional[str]) ->
     """Write ``<storage>/<name>/final.pt`` (the final model's plain state_dict, pruned weights exact zeros)
     and log the newest training checkpoint to MLflow as ``checkpoint/final.pt``."""
     from gmp_dist import storage
-    from gmp_dist.checkpoint import load_checkpoint, save_checkpoint
+    from gmp_dist.checkpoint import load_checkpoint, newest_complete_checkpoint, save_checkpoint
 
     folder = storage.run_folder(cfg)
-    newest = storage.newest_checkpoint(folder)
-    if newest is None:
-        return None
-    final = storage.final_model(folder)
-    with storage.local_file(newest) as local:
+    with contextlib.ExitStack() as downloads:
+        local = newest_complete_checkpoint(folder, downloads)
+        if local is None:
+            return None
+        final = storage.final_model(folder)
         with storage.writable(final) as target:
             save_checkpoint(load_checkpoint(local)["model"], target)
         if uri is not None and run_id is not None and cfg.tracking.log_checkpoint_artifact:
