@@ -1,4 +1,4 @@
-"""Ray Train (V2) launch: with ``ray_trainer`` (the trainer class), the only module that imports ray (design.md §2).
+"""Ray Train (V2) launch: the only module that imports ray (design.md §2); the trainer class is in ``ray_trainer``.
 
 The driver builds a ``TorchTrainer`` from the config. It joins the cluster named by ``RAY_ADDRESS``
 (as under ``ray job submit``), else starts a local Ray on loopback with a capped object store and shuts
@@ -87,7 +87,7 @@ def run_with_ray(cfg: RunConfig, tracking_uri: Optional[str], run_id: Optional[s
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     storage_path, storage_filesystem = storage.ray_storage(cfg.checkpoint.storage_path)
-    trainer = trainer_class(TorchTrainer, local_ray=local_ray)(
+    trainer = trainer_class(ray, TorchTrainer, local_ray=local_ray)(
         _train_loop_per_worker,
         train_loop_config={"config_yaml": dump_config(cfg), "tracking_uri": tracking_uri, "run_id": run_id,
                            "cwd": os.getcwd(), "scratch_prefix": _scratch_prefix(cfg),

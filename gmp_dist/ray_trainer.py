@@ -34,8 +34,10 @@ DATASETS_CALLBACK = "DatasetsCallback"
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
-def trainer_class(base, *, local_ray: bool):
-    """``base`` (TorchTrainer) with the behaviours above; ``local_ray``: Ray was started by this driver."""
+def trainer_class(ray, base, *, local_ray: bool):
+    """``base`` (TorchTrainer) with the behaviours above; ``local_ray``: Ray was started by this driver.
+    ``ray`` is the module, passed in (as to ``ray_launcher.wait_for_resources``) so that this module does
+    not import it: ``ray_launcher`` stays the one importer (design.md §2)."""
 
     class Trainer(base):
         _controller = None
@@ -44,8 +46,6 @@ def trainer_class(base, *, local_ray: bool):
             self._controller = controller
 
         def abort(self) -> None:
-            import ray
-
             if self._controller is None:
                 return
             try:

@@ -1,7 +1,7 @@
 """House rules the project enforces (design.md §2): which module may import what.
 
 - ``torch.distributed`` only in ``gmp_dist/dist.py``;
-- ``ray`` only in ``gmp_dist/ray_launcher.py`` and ``gmp_dist/ray_trainer.py``;
+- ``ray`` only in ``gmp_dist/ray_launcher.py``;
 - ``mlflow`` only under ``gmp_dist/tracking/``;
 - ``gmp_dist/pruning/`` imports only the standard library, torch, numpy and itself;
 - the command layer (``cli.py``, ``__main__.py``, ``commands/``, ``study/``) sits on top: no other module
@@ -61,7 +61,7 @@ def _violations(allowed_file, module_prefix: str) -> list[str]:
 
 @pytest.mark.parametrize("module,allowed", [
     ("torch.distributed", lambda rel: rel == "gmp_dist/dist.py"),
-    ("ray", lambda rel: rel in ("gmp_dist/ray_launcher.py", "gmp_dist/ray_trainer.py")),
+    ("ray", lambda rel: rel == "gmp_dist/ray_launcher.py"),
     ("mlflow", lambda rel: rel.startswith("gmp_dist/tracking/")),
 ])
 def test_module_used_only_in_its_home(module, allowed):

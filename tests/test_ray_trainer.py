@@ -27,7 +27,7 @@ def _trainer(local_ray: bool, **kwargs):
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cls = TorchTrainer if local_ray is None else trainer_class(TorchTrainer, local_ray=local_ray)
+    cls = TorchTrainer if local_ray is None else trainer_class(ray, TorchTrainer, local_ray=local_ray)
     return cls(_train_fn, scaling_config=ScalingConfig(num_workers=2), **kwargs)
 
 
