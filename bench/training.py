@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -82,36 +83,47 @@ def _task_cpu_seconds(tid: int) -> float:
         return int(stat.read().split()[0]) / 1e9
 
 
-def _training_threads() -> list[int]:
-    """Thread ids that run training steps: this thread and the native ones (torch's intra-op pool)."""
+def _training_threads() -> Optional[list[int]]:
+    """Thread ids that run training steps: this thread and the native ones (torch's intra-op pool);
+    None where the system has no ``/proc/self/task`` (macOS): other threads' CPU is then not counted."""
     import os
     import threading
 
+    if not os.path.isdir("/proc/self/task"):
+        return None
     python = {t.native_id for t in threading.enumerate() if t is not threading.current_thread()}
     return [int(tid) for tid in os.listdir("/proc/self/task") if int(tid) not in python]
 
 
-def _cpu_outside(training: list[int]) -> float:
+def _cpu_outside(training: Optional[list[int]]) -> float:
     """CPU seconds this process has used so far outside the ``training`` threads, ended threads included.
 
     A tracker that logs from a thread of its own (MLflow's async logging, its telemetry consumer, a thread
     per call) costs training CPU outside the call being timed; this is how the figure still counts it.
     """
+    if training is None:
+        return 0.0
     return time.process_time() - sum(_task_cpu_seconds(tid) for tid in training)
 
 
-def mlflow_overhead_ratios(repeats: int = MIN_REPEATS, epochs: int = 4,
-                           steps_per_epoch: int = 40) -> tuple[list[float], dict]:
+def _masked_resnet32_step() -> Callable[[], None]:
+    model, opt, pruner, x, y = _step_setup()
+    return lambda: train_step(model, opt, x, y, pruner)
+
+
+def mlflow_overhead_ratios(repeats: int = MIN_REPEATS, epochs: int = 4, steps_per_epoch: int = 40,
+                           step: Optional[Callable[[], None]] = None) -> tuple[list[float], dict]:
     """Per repeat: (epoch of steps + what MLflow logging adds) / (the same + what a no-op tracker adds).
 
-    Epochs alternate A B, B A, ... Each epoch is ``steps_per_epoch`` steps and one ``log_metrics`` call
-    with what the engine logs per epoch; the tracker's cost is timed where it falls: the call itself, the
-    step right after it (cold caches, garbage left behind) and the CPU any other thread of this process
-    used during the epoch (asynchronous logging; counted on top of the wall time it takes from that step,
-    so up to twice: the figure errs high). The remaining steps are the same work for both and are pooled
-    (median over the repeat).
+    Epochs alternate A B, B A, ... Each epoch is one ``log_metrics`` call with what the engine logs per
+    epoch (the previous epoch's metrics), then ``steps_per_epoch`` steps (``step``; default: the masked
+    ResNet-32 step of ``masked_step_ratio``). The tracker's cost is timed where it falls: the call itself,
+    the step right after it (cold caches, garbage left behind), and the CPU any other thread of this
+    process used during the epoch (asynchronous logging; on top of the wall time it may take from that
+    step, so up to twice: the figure errs high). The remaining steps are the same work for both and are
+    pooled (median over the repeat).
 
-    Why not whole epochs: logging costs ~3 ms per ~5 s epoch (0.06%), while two identical 40-step epochs
+    Why not whole epochs: logging costs ~3-10 ms per ~5 s epoch (0.1%), while two identical 40-step epochs
     on this 2-core VM differ by up to 5%; with no tracker at all (A = B) the median of three whole-epoch
     repeats still landed at 0.993, 0.994 and 1.013 (BENCHMARKS.md), so a 1% target could not be checked.
     Returns the per-repeat ratios and the medians behind them (ms per epoch, s per epoch).
@@ -119,8 +131,8 @@ def mlflow_overhead_ratios(repeats: int = MIN_REPEATS, epochs: int = 4,
     from gmp_dist.tracking import MlflowTracker, NullTracker, resolve_tracking_uri
     from gmp_dist.tracking.runs import client
 
-    model, opt, pruner, x, y = _step_setup()
-    _step(model, opt, x, y, pruner)  # torch's intra-op threads exist from the first step on
+    step = step or _masked_resnet32_step()
+    step()  # torch's intra-op threads exist from the first step on
     training = _training_threads()  # taken before MLflow starts any thread of its own
     ratios: list[float] = []
     windows: dict[str, list[float]] = {"mlflow": [], "none": []}
@@ -137,18 +149,17 @@ def mlflow_overhead_ratios(repeats: int = MIN_REPEATS, epochs: int = 4,
                 for kind in ("mlflow", "none") if epoch % 2 == 0 else ("none", "mlflow"):
                     background = _cpu_outside(training)
                     start = time.perf_counter()
-                    for _ in range(steps_per_epoch - 1):
-                        _step(model, opt, x, y, pruner)
-                    middle = time.perf_counter()
                     # What the engine logs per epoch (design.md §5).
                     trackers[kind].log_metrics({k: float(epoch) for k in ("train_loss", "val_loss", "val_top1",
                                                                            "val_top5", "lr", "sparsity",
                                                                            "flops_pruned", "images_per_sec")},
                                                step=epoch)
-                    _step(model, opt, x, y, pruner)
-                    end = time.perf_counter()
-                    rest.append(middle - start)
-                    window[kind].append(end - middle + _cpu_outside(training) - background)
+                    step()
+                    middle = time.perf_counter()
+                    for _ in range(steps_per_epoch - 1):
+                        step()
+                    rest.append(time.perf_counter() - middle)
+                    window[kind].append(middle - start + _cpu_outside(training) - background)
             steps = statistics.median(rest)
             ratios.append((steps + statistics.median(window["mlflow"]))
                           / (steps + statistics.median(window["none"])))
@@ -157,6 +168,8 @@ def mlflow_overhead_ratios(repeats: int = MIN_REPEATS, epochs: int = 4,
             rest_all.extend(rest)
         mlflow_client.set_terminated(run_id)
     step_s = statistics.median(rest_all) / (steps_per_epoch - 1)
+    if training is None:
+        print("   (no /proc here: CPU of other threads, asynchronous logging included, is not counted)")
     detail = {"logging_ms": 1000 * (statistics.median(windows["mlflow"]) - statistics.median(windows["none"])),
               "epoch_s": step_s * steps_per_epoch}
     return ratios, detail
