@@ -228,8 +228,6 @@ def ray_vs_torch_epoch_ratios(rounds: int = MIN_REPEATS) -> tuple[list[float], f
     return ratios, statistics.median(startups["ray"]), statistics.median(startups["torch"])
 
 
-
-
 def figures(repeats: int = MIN_REPEATS) -> dict:
     ratios, ray_startup, torch_startup = ray_vs_torch_epoch_ratios(max(repeats, RAY_ROUNDS))
     mlflow_ratios, mlflow_detail = mlflow_overhead_ratios(repeats)
