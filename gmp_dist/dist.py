@@ -41,10 +41,16 @@ class TorchCollective:
         self._device = ctx.device if ctx.active and torch_dist.get_backend() == "nccl" else torch.device("cpu")
 
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._allreduce(tensor, torch_dist.ReduceOp.SUM)
+
+    def allreduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._allreduce(tensor, torch_dist.ReduceOp.MAX)
+
+    def _allreduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
         if not self.ctx.active:
             return tensor
         moved = tensor.to(self._device)
-        torch_dist.all_reduce(moved, op=torch_dist.ReduceOp.SUM)
+        torch_dist.all_reduce(moved, op=op)
         return moved.to(tensor.device)
 
     def allgather(self, obj: Any) -> list[Any]:
@@ -53,6 +59,14 @@ class TorchCollective:
         out: list[Any] = [None] * self.ctx.world_size
         torch_dist.all_gather_object(out, obj)
         return out
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """``src``'s ``tensor`` on every rank (same shape and dtype everywhere)."""
+        if not self.ctx.active:
+            return tensor
+        moved = tensor.to(self._device)
+        torch_dist.broadcast(moved, src=src)
+        return moved.to(tensor.device)
 
 
 def masks_checksum(masks: Sequence[torch.Tensor]) -> tuple[int, int]:
@@ -65,6 +79,36 @@ def masks_checksum(masks: Sequence[torch.Tensor]) -> tuple[int, int]:
         digest.update(str(tuple(mask.shape)).encode())
         digest.update(flat.numpy().tobytes())
     return kept, int.from_bytes(digest.digest(), "little") >> 1
+
+
+# Odd multipliers for the on-device mask hash: position i of layer l contributes (i·A + l·B) mod 2^31.
+_HASH_A, _HASH_B = 2_654_435_761, 40_503
+
+
+def masks_fingerprint(masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per layer (kept count, position hash) as one int64 tensor, computed where the masks live: no copy
+    of the masks to the host, so it is cheap enough for every mask update of a dynamic method."""
+    rows = []
+    for layer, mask in enumerate(masks):
+        flat = mask.detach().reshape(-1)
+        index = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
+        weights = (index * _HASH_A + layer * _HASH_B) & 0x7FFFFFFF
+        rows.append(torch.stack([flat.sum(dtype=torch.int64), (weights * flat).sum()]))
+    return torch.stack(rows) if rows else torch.zeros((0, 2), dtype=torch.int64)
+
+
+def verify_masks_agree(ctx: DistContext, masks: Sequence[torch.Tensor], what: str = "the pruning masks") -> None:
+    """Hard error unless every rank holds the same masks: one max all-reduce of (fingerprint, −fingerprint)."""
+    if not ctx.active:
+        return
+    local = masks_fingerprint(masks).cpu()
+    both = TorchCollective(ctx).allreduce_max(torch.cat([local, -local]))
+    high, low = both[: len(local)], -both[len(local):]
+    if not torch.equal(high, low):
+        layers = [i for i in range(len(local)) if not torch.equal(high[i], low[i])]
+        raise RuntimeError(f"{what} differ across ranks in layer(s) {layers[:5]} (kept count/hash range"
+                           f" {low[layers[0]].tolist()}..{high[layers[0]].tolist()}); refusing to train on"
+                           " inconsistent masks")
 
 
 def verify_same_on_all_ranks(ctx: DistContext, values: tuple[int, ...], what: str) -> None:

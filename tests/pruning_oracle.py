@@ -80,3 +80,6 @@ class ThreadWorld:
 
         def allgather(self, obj: Any) -> list[Any]:
             return self.world._exchange(self.rank, obj)
+
+        def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+            return self.world._exchange(self.rank, tensor.clone())[src].clone()

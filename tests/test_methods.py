@@ -174,7 +174,9 @@ def test_random_counts_positions_and_ranks():
 def test_registry_lists_every_method_with_its_needs():
     infos = {i.name: i for i in available()}
     assert list(infos)[:8] == ["global_mp", "uniform", "uniform_plus", "erk", "lamp", "snip", "synflow", "random"]
-    assert {n for n, i in infos.items() if i.accepts_mt} == {"global_mp", "lamp", "snip", "synflow"}
+    assert {n for n, i in infos.items() if i.accepts_mt} == {"global_mp", "lamp", "snip", "synflow", "dpf"}
+    assert {n for n, i in infos.items() if i.dynamic} == {"rigl", "dpf", "str"}
+    assert {n for n, i in infos.items() if i.sparsity_is_outcome} == {"str"}
     assert {n for n, i in infos.items() if i.needs_data} == {"snip"}
     assert {"structured", "none"} <= set(infos)
     for name in ("uniform", "uniform_plus", "erk", "random"):

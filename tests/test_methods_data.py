@@ -53,23 +53,26 @@ def test_snip_equals_brute_force(sparsity, min_weights):
         assert np.array_equal(got.numpy(), want)
 
 
-def _snip_rank(rank: int, port: int, out) -> None:
+def _snip_rank(rank: int, port: int, out, count: int) -> None:
     torch.set_num_threads(1)
     with local_group(rank, 2, port):
-        model, batches = _snip_model(), _batches(2)
+        model, batches = _snip_model(), _batches(count)
         comm = TorchCollective(DistContext(rank, 2))
-        result = get_method("snip").decide(_snip_request(model, [batches[rank]], 0.9, 5, comm, rank, 2))
+        mine = batches[rank::2]  # what a DistributedSampler deals each rank of the same global batches
+        result = get_method("snip").decide(_snip_request(model, mine, 0.9, 5, comm, rank, 2, n=count))
         out.put((rank, torch.cat([m.reshape(-1) for m in result.masks]).numpy()))
 
 
-def test_snip_gradients_all_reduced_across_two_gloo_processes():
-    """Rank r scores on batch r only; the all-reduced masks equal one process scoring on both batches."""
+@pytest.mark.parametrize("count", [2, 4])
+def test_snip_gradients_all_reduced_across_two_gloo_processes(count):
+    """``prune.snip.batches`` counts global batches: 2 ranks, each scoring its share (rank r: batches r, r + 2,
+    ...), give the masks of one process scoring on all of them."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=_snip_rank, args=(r, port, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_snip_rank, args=(r, port, queue, count)) for r in range(2)]
     for p in procs:
         p.start()
     results = dict(queue.get() for _ in range(2))

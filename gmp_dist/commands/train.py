@@ -69,9 +69,11 @@ def preflight(cfg: RunConfig) -> None:
 
 def check_method(cfg: RunConfig, model: torch.nn.Module) -> None:
     """The method's own checks (MT feasibility, per-layer budgets, structured ranks), on the model's shapes."""
-    from gmp_dist.engine.events import method_options
+    from gmp_dist.engine.events import check_horizon, method_options
     from gmp_dist.pruning.methods import get_method
 
+    known_steps = cfg.train.epochs * cfg.train.max_steps_per_epoch if cfg.train.max_steps_per_epoch else None
+    check_horizon(cfg.prune, cfg.train.epochs, known_steps)  # again in the worker, with the loader's length
     named = prunable_parameters(model, cfg.prune.exclude)
     sizes = [p.numel() for _, p in named]
     m = resolve_min_weights(sum(sizes), cfg.prune.min_weights, cfg.prune.min_threshold_pct)
@@ -178,8 +180,13 @@ def _publish_final(cfg: RunConfig, uri: Optional[str], run_id: Optional[str]) ->
         if local is None:
             return None
         final = storage.final_model(folder)
+        from gmp_dist.engine.events import method_options
+        from gmp_dist.pruning.methods import get_method
+
+        plain = get_method(cfg.prune.method).plain_state_dict(load_checkpoint(local)["model"],
+                                                              method_options(cfg.prune))  # STR: folded away
         with storage.writable(final) as target:
-            save_checkpoint(load_checkpoint(local)["model"], target)
+            save_checkpoint(plain, target)
         if uri is not None and run_id is not None and cfg.tracking.log_checkpoint_artifact:
             from gmp_dist.tracking import MlflowTracker, log_final_checkpoint
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -70,27 +70,10 @@ class GradualCfg(Section):
         return self
 
 
-class StructuredCfg(Section):
-    """FastGRNN column pruning (paper §HAR-2): target rank per low-rank factor."""
-
-    ranks: dict[str, int] = Field(default_factory=dict)
-
-
-class SnipCfg(Section):
-    """SNIP (prune.method: snip): how many training batches the |w·∂L/∂w| saliency is summed over."""
-
-    batches: int = Field(default=1, ge=1)
-
-
-class SynflowCfg(Section):
-    """SynFlow (prune.method: synflow): pruning rounds on the exponential sparsity schedule."""
-
-    iterations: int = Field(default=100, ge=1)
-
-
-class PruneCfg(Section):
+class _PruneSection(Section):
     # One of gmp_dist.pruning.methods.available(): global_mp, uniform, uniform_plus, erk, lamp, random,
-    # snip, synflow, structured, none (README "Pruning methods").
+    # snip, synflow, rigl, dpf, str, structured, none (README "Pruning methods"). A method's own options
+    # are the section named after it (prune.snip, prune.rigl, ...): its MethodOptions model, added below.
     method: str = "global_mp"
     schedule: Literal["oneshot", "gradual"] = "oneshot"
     sparsity: Float = Field(default=0.9, ge=0.0, lt=1.0)
@@ -100,9 +83,6 @@ class PruneCfg(Section):
     exclude: list[str] = Field(default_factory=list)
     allow_collapse: bool = False
     gradual: GradualCfg = Field(default_factory=GradualCfg)
-    structured: StructuredCfg = Field(default_factory=StructuredCfg)
-    snip: SnipCfg = Field(default_factory=SnipCfg)
-    synflow: SynflowCfg = Field(default_factory=SynflowCfg)
 
     @field_validator("method")
     @classmethod
@@ -117,6 +97,18 @@ class PruneCfg(Section):
         if self.min_weights is not None and self.min_threshold_pct is not None:
             raise ValueError("give at most one of prune.min_weights and prune.min_threshold_pct")
         return self
+
+
+def _method_sections() -> dict:
+    """``prune.<name>`` for every registered method that declares options: adding a method with options
+    is one module and one registration, never an edit here."""
+    from gmp_dist.pruning.methods import available
+
+    return {info.name: (info.options, Field(default_factory=info.options)) for info in available() if info.options}
+
+
+PruneCfg = create_model("PruneCfg", __base__=_PruneSection, __module__=__name__, **_method_sections())
+PruneCfg.__doc__ = "The prune section: method, target, schedule, MT, and each method's own options."
 
 
 class TrainCfg(Section):

@@ -1,8 +1,9 @@
 """The training loop, top to bottom. Runs the same under Ray Train, under plain torch.distributed, or
 in one process; what differs is only the :class:`WorkerEnv` it is handed.
 
-Per epoch: pruning event (if the schedule says so) → train steps (``loss.backward(); optimizer.step();
-pruner.apply()``) → LR step → exact evaluation → metrics → checkpoint + report.
+Per epoch: pruning event (if the schedule says so) → train steps (``loss.backward();
+controller.after_backward(); optimizer.step(); controller.after_step()``) → LR step → exact evaluation →
+metrics → checkpoint + report.
 """
 
 from __future__ import annotations
@@ -150,10 +151,12 @@ def _train(cfg: RunConfig, env: WorkerEnv) -> dict:
     # Data-driven methods (SNIP) score on this rank's training batches, through the unwrapped model.
     controller = PruningController(cfg.prune, model, cfg.model.name, ctx, macs, input_shape,
                                    DataSource(lambda: loaders.train, loss_fn), cfg.train.seed)
+    controller.set_horizon(cfg.train.epochs, steps_per_epoch(cfg, loaders.train))  # a schedule past the run: exit 2
+    controller.transform_model()  # the method's reparameterisation (STR), before DDP, compile and the optimizer
     net = _wrap_ddp(model, ctx)
     if cfg.train.compile:
         net = torch.compile(net)
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train, controller.optimizer_groups())
     scheduler = build_scheduler(optimizer, cfg.train)
     autocast = _autocast_factory(cfg, ctx)
     state = RunState()
@@ -181,7 +184,7 @@ def _train(cfg: RunConfig, env: WorkerEnv) -> dict:
             if ctx.is_main:
                 log_layer_artifacts(env.tracker, report)
         lr = optimizer.param_groups[0]["lr"]
-        steps = min(cfg.train.max_steps_per_epoch or len(loaders.train), len(loaders.train))
+        steps = steps_per_epoch(cfg, loaders.train)
         bar = env.progress(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}") \
             if env.progress and ctx.is_main else None
         try:
@@ -194,8 +197,8 @@ def _train(cfg: RunConfig, env: WorkerEnv) -> dict:
         val = evaluate(net, loaders.val, ctx, autocast)
         state.epoch = epoch + 1
         state.best_val_top1 = max(state.best_val_top1, val["val_top1"])
-        metrics = {**train_stats, **val, "lr": lr, "sparsity": controller.pruner.measured_sparsity(),
-                   "flops_pruned": (controller.last_report or {}).get("flops_pruned", 0.0)}
+        metrics = {**train_stats, **val, "lr": lr, "sparsity": controller.measured_sparsity(),
+                   "flops_pruned": (controller.epoch_report() or {}).get("flops_pruned", 0.0)}
         env.tracker.log_metrics(metrics, step=epoch)
         state.metrics.update(metrics)
         if ctx.is_main:
@@ -233,9 +236,9 @@ def train_one_epoch(net, batches, optimizer, loss_fn, controller: PruningControl
             loss = loss_fn(net(inputs), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        controller.after_backward(state.global_step, optimizer)  # the dynamic-method hook (gradients present)
+        controller.after_backward(state.global_step, optimizer)  # dynamic masks; pruned gradients zeroed
         optimizer.step()
-        controller.pruner.apply()  # pruned weights stay exactly zero
+        controller.after_step(state.global_step, optimizer)  # pruned weights back to exact zeros
         weighted = loss.detach().float() * targets.numel()
         loss_sum = weighted if loss_sum is None else loss_sum.add_(weighted)
         samples += targets.numel()
@@ -250,6 +253,10 @@ def train_one_epoch(net, batches, optimizer, loss_fn, controller: PruningControl
     mean_loss = float(loss_sum) / samples if samples else 0.0  # waits for the device: before the clock stops
     seconds = max(time.perf_counter() - start, 1e-9)
     return {"train_loss": mean_loss, "images_per_sec": samples * ctx.world_size / seconds, "train_steps": steps}
+
+
+def steps_per_epoch(cfg: RunConfig, train_batches) -> int:
+    return min(cfg.train.max_steps_per_epoch or len(train_batches), len(train_batches))
 
 
 def _wrap_ddp(model: nn.Module, ctx: DistContext) -> nn.Module:

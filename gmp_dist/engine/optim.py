@@ -7,6 +7,7 @@ epochs, then cosine 0.5·(1 + cos(π·e'/E')) over the rest, or step decay γ^(e
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -22,8 +23,13 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_on_bn_and_bias:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, train_cfg) -> torch.optim.Optimizer:
-    groups = param_groups(model, train_cfg.weight_decay, train_cfg.no_decay_on_bn_and_bias)
+def build_optimizer(model: nn.Module, train_cfg, extra_groups: Sequence[dict] = ()) -> torch.optim.Optimizer:
+    """SGD or Adam over the model's parameters; ``extra_groups`` (a method's own parameters, e.g. STR's
+    thresholds, with their own weight decay) are taken out of the default groups."""
+    special = {id(p) for g in extra_groups for p in g["params"]}
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in special]}
+              for g in param_groups(model, train_cfg.weight_decay, train_cfg.no_decay_on_bn_and_bias)]
+    groups = [g for g in groups if g["params"]] + [dict(g) for g in extra_groups]
     if train_cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=train_cfg.lr)
     return torch.optim.SGD(groups, lr=train_cfg.lr, momentum=train_cfg.momentum,

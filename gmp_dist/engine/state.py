@@ -35,7 +35,7 @@ def write_training_checkpoint(env, cfg, model, optimizer, scheduler, controller,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": None,  # bf16 autocast needs no loss scaling
-        "pruner": controller.pruner.state_dict(),
+        "pruner": controller.state_dict(),  # masks, and the method's own state (RigL, DPF residuals)
         "epoch": state.epoch,
         "global_step": state.global_step,
         "best_val_top1": state.best_val_top1,
@@ -55,7 +55,7 @@ def restore_training_state(path: Path, model, optimizer, scheduler, controller, 
                         f" expected {CHECKPOINT_FORMAT!r})")
     load_state_dict_checked(model, ckpt["model"], source=str(path), model_name=controller.model_name)
     try:
-        controller.pruner.load_state_dict(ckpt["pruner"])
+        controller.load_state_dict(ckpt["pruner"])
     except ValueError as exc:
         raise UserError(f"checkpoint {path}: {exc}") from None
     optimizer.load_state_dict(ckpt["optimizer"])

@@ -39,6 +39,8 @@ class Collective(Protocol):
 
     def allgather(self, obj: Any) -> list[Any]: ...
 
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor: ...
+
 
 class LocalCollective:
     """World size 1: every collective is the identity."""
@@ -48,6 +50,9 @@ class LocalCollective:
 
     def allgather(self, obj: Any) -> list[Any]:
         return [obj]
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        return tensor
 
 
 LOCAL = LocalCollective()

@@ -1,4 +1,11 @@
-"""Masks held during training (design.md §3.6): re-applied after every optimizer step.
+"""Masks held during training (design.md §3.6, §3.10): gradients masked before every optimizer step,
+weights re-zeroed after it, optimizer state zeroed wherever a mask changes.
+
+The invariant this keeps at every step, for SGD momentum and Adam moments alike: a pruned position holds
+weight 0, gradient 0 (after :meth:`mask_gradients`) and optimizer state 0. Masking the gradient is what
+keeps the state at 0 between mask changes (the update of a zero weight with a zero gradient is zero,
+weight decay included); a mask change zeroes the state of every position that was pruned before or is
+pruned now, so a grown weight starts at 0 with no stale momentum.
 
 ``torch.nn.utils.prune`` re-multiplies on every forward and keeps a second copy of every weight; we
 keep one bool mask per tensor (the state that is checkpointed) plus a multiplier in the weight's dtype
@@ -7,7 +14,7 @@ and device, so :meth:`apply` is one fused ``torch._foreach_mul_`` over all prune
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -46,14 +53,37 @@ class MaskPruner:
             torch._foreach_mul_(self._weights, self._multipliers)
 
     @torch.no_grad()
-    def zero_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
-        """Zero momentum (SGD) / moments (Adam) of pruned weights, so they do not push weights back."""
-        for param, mult in zip(self.params, self._multipliers):
+    def mask_gradients(self) -> None:
+        """Zero the gradients of pruned weights; call between ``loss.backward()`` and ``optimizer.step()``."""
+        if not self._weights:
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        mults = [m for p, m in zip(self.params, self._multipliers) if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, mults)
+
+    @torch.no_grad()
+    def zero_optimizer_state(self, optimizer: torch.optim.Optimizer,
+                             keep: Optional[Sequence[torch.Tensor]] = None) -> None:
+        """Zero momentum (SGD) / moments (Adam) outside ``keep`` (bool, canonical order; default: the
+        current masks), so pruned weights are not pushed back and grown ones start without stale state."""
+        keeps = self._multipliers if keep is None else [k.to(p.device, p.dtype) for k, p in zip(keep, self.params)]
+        for param, mult in zip(self.params, keeps):
             state = optimizer.state.get(param, {})
-            for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
+            for key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 buf = state.get(key)
                 if isinstance(buf, torch.Tensor) and buf.shape == mult.shape:
-                    buf.mul_(mult)
+                    buf.mul_(mult.to(buf.dtype))
+
+    @torch.no_grad()
+    def reset_outside(self, keep: Sequence[torch.Tensor], optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """Weight 0 and optimizer state 0 wherever ``keep`` is False (pruned, or grown just now)."""
+        torch._foreach_mul_([p.data for p in self.params], [k.to(p.device, p.dtype) for k, p in zip(keep, self.params)])
+        if optimizer is not None:
+            self.zero_optimizer_state(optimizer, keep)
+
+    def mask_list(self) -> list[torch.Tensor]:
+        return [self.masks[name] for name in self.names]
 
     def measured_sparsity(self) -> float:
         """Zeros among prunable weights / prunable weights, from the tensors themselves."""

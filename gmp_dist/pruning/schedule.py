@@ -8,6 +8,12 @@ Zhu & Gupta (2017) or linearly. The paper gives no gradual schedule: this one is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+# The smallest positive float32: an alive weight that is exactly 0 still outranks a pruned one.
+SMALLEST_ALIVE = torch.tensor(1, dtype=torch.int32).view(torch.float32).item()
 
 
 @dataclass(frozen=True)
@@ -50,3 +56,15 @@ class PruningSchedule:
 
     def events(self, horizon: int) -> list[tuple[int, float]]:
         return [(t, self.target_at(t)) for t in range(horizon + 1) if self.is_event(t)]
+
+
+def alive_floor(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``weights`` ranked so that masks only grow with the kept count exact: |w| floored at the smallest
+    float where alive, 0 where pruned.
+
+    Pruned weights are exactly 0, and so may be some alive ones. When a cut (the global one, or a layer's
+    MT cut) lands on the value 0, ties go by flat index and pruned positions could win over alive zeros;
+    ``new & old`` would then keep fewer than K. With the floor every alive weight outranks every pruned one.
+    One float32 copy of the prunable weights per event (events are rare: once per epoch or per ``every``).
+    """
+    return [torch.where(m, w.abs().float().clamp_min(SMALLEST_ALIVE), 0.0) for w, m in zip(weights, masks)]

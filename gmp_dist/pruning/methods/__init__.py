@@ -7,16 +7,17 @@ subclasses ``GlobalMethod`` / ``PerLayerMethod`` / ``PruningMethod`` and calls `
 import line below.
 """
 
-from gmp_dist.pruning.methods.registry import available, get_method, method_names, register  # isort: skip
-from gmp_dist.pruning.methods import magnitude, lamp, snip, synflow, randomized, columns  # noqa: F401, I001  (they register, in listing order)  # isort: skip
+from gmp_dist.pruning.methods.registry import available, create_method, get_method, method_names, register  # isort: skip
+from gmp_dist.pruning.methods import magnitude, lamp, snip, synflow, randomized, rigl, dpf, strmethod, columns  # noqa: F401, I001  (they register, in listing order)  # isort: skip
 from gmp_dist.pruning.methods.base import (
     DataSource,
     MethodInfo,
+    MethodOptions,
     PruneRequest,
     PruneResult,
     PruningMethod,
     StepContext,
 )
 
-__all__ = ["DataSource", "MethodInfo", "PruneRequest", "PruneResult", "PruningMethod", "StepContext", "available",
-           "get_method", "method_names", "register"]
+__all__ = ["DataSource", "MethodInfo", "MethodOptions", "PruneRequest", "PruneResult", "PruningMethod", "StepContext",
+           "available", "create_method", "get_method", "method_names", "register"]

@@ -8,7 +8,7 @@ by its own scores. A subclass supplies ``scores`` (and, per layer, ``kept_counts
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -26,6 +26,10 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 class GlobalMethod(PruningMethod):
+    # Whether ``scores`` come out bit-identical on every rank by themselves (magnitudes of DDP replicas).
+    # Otherwise the owners of the layers build the masks and broadcast them (``pruning.apply``).
+    scores_replicated = False
+
     def scores(self, request: PruneRequest) -> list[torch.Tensor]:
         """Non-negative float scores shaped like ``request.tensors``; higher = more worth keeping."""
         raise NotImplementedError
@@ -36,7 +40,8 @@ class GlobalMethod(PruningMethod):
 
     def decide(self, request: PruneRequest) -> PruneResult:
         masks, decision = global_score_masks(self.scores(request), request.sparsity, request.min_weights,
-                                             request.comm, request.rank, request.world_size)
+                                             request.comm, request.rank, request.world_size,
+                                             shared=not self.scores_replicated)
         return PruneResult(masks, list(decision.mt_bound), decision.threshold)
 
 
@@ -51,7 +56,9 @@ def check_mt_feasible(sizes: Sequence[int], sparsity: float, min_weights: int) -
 
 
 class PerLayerMethod(PruningMethod):
-    def kept_counts(self, shapes: Sequence[tuple[int, ...]], sparsity: float, options: Mapping[str, Any]) -> list[int]:
+    scores_replicated = True  # magnitudes, or seeded draws: the same on every rank
+
+    def kept_counts(self, shapes: Sequence[tuple[int, ...]], sparsity: float, options: Any) -> list[int]:
         """Weights kept per layer; raise InfeasibleError when the rule cannot reach ``sparsity``."""
         raise NotImplementedError
 
@@ -65,5 +72,6 @@ class PerLayerMethod(PruningMethod):
 
     def decide(self, request: PruneRequest) -> PruneResult:
         kept = self.kept_counts([tuple(t.shape) for t in request.tensors], request.sparsity, request.options)
-        masks = per_layer_masks(self.scores(request), kept, request.comm, request.rank, request.world_size)
+        masks = per_layer_masks(self.scores(request), kept, request.comm, request.rank, request.world_size,
+                                shared=not self.scores_replicated)
         return PruneResult(masks, [False] * len(masks))

@@ -3,10 +3,26 @@
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from gmp_dist.pruning.errors import UserError
-from gmp_dist.pruning.methods.base import NONE, STRUCTURED, MethodInfo, PruneRequest, PruneResult, PruningMethod
+from gmp_dist.pruning.methods.base import (
+    NONE,
+    STRUCTURED,
+    MethodInfo,
+    MethodOptions,
+    PruneRequest,
+    PruneResult,
+    PruningMethod,
+)
 from gmp_dist.pruning.methods.registry import register
 from gmp_dist.pruning.structured import column_masks, rank_problems
+
+
+class StructuredOptions(MethodOptions):
+    """prune.structured: target rank per low-rank factor (FastGRNN, paper §HAR-2)."""
+
+    ranks: dict[str, int] = Field(default_factory=dict)
 
 
 class Structured(PruningMethod):
@@ -14,11 +30,12 @@ class Structured(PruningMethod):
     with the largest sum of |w|; tensors not named stay dense."""
 
     info = MethodInfo("structured", "whole columns of low-rank factors, to the ranks in prune.structured.ranks",
-                      "Kusupati et al. 2018, FastGRNN (NeurIPS)", STRUCTURED)
+                      "Kusupati et al. 2018, FastGRNN (NeurIPS)", STRUCTURED,
+                      options=StructuredOptions)
 
     def check(self, shapes, names, sparsity, min_weights, options, has_data) -> None:
         super().check(shapes, names, sparsity, min_weights, options, has_data)
-        ranks = dict(options.get("ranks") or {})
+        ranks = dict(self.opts(options).ranks)
         unknown = sorted(set(ranks) - set(names))
         if unknown:
             raise UserError(f"prune.structured.ranks: unknown tensors {unknown} (prunable: {sorted(names)})")
@@ -29,7 +46,7 @@ class Structured(PruningMethod):
             raise UserError("prune.structured.ranks: " + "; ".join(problems))
 
     def decide(self, request: PruneRequest) -> PruneResult:
-        by_name = column_masks(dict(zip(request.names, request.tensors)), dict(request.options.get("ranks") or {}))
+        by_name = column_masks(dict(zip(request.names, request.tensors)), dict(self.opts(request.options).ranks))
         masks = [by_name[name] for name in request.names]
         return PruneResult(masks, [False] * len(masks))
 

@@ -17,6 +17,7 @@ class GlobalMP(GlobalMethod):
 
     info = MethodInfo("global_mp", "one |w| threshold over all layers, with the Minimum Threshold",
                       "Global MP with MT (paper.md); Zhu & Gupta 2017 for the gradual schedule", GLOBAL)
+    scores_replicated = True
 
     def scores(self, request: PruneRequest):
         return list(request.tensors)  # the radix selection ranks |w| itself: no copy

@@ -27,7 +27,14 @@ def available() -> list[MethodInfo]:
     return [m.info for m in _METHODS.values()]
 
 
+def create_method(name: str) -> PruningMethod:
+    """A fresh instance for one training run: dynamic methods keep per-run state (schedules, residuals),
+    which the registry's shared instance must never hold."""
+    return type(get_method(name))()
+
+
 def get_method(name: str) -> PruningMethod:
+    """The registered instance: for ``info``, ``check`` and one-off decisions (``gmp-dist prune``)."""
     method = _METHODS.get(name)
     if method is None:
         close = difflib.get_close_matches(str(name), list(_METHODS), n=1)

@@ -12,16 +12,23 @@ from __future__ import annotations
 import copy
 
 import torch
+from pydantic import Field
 
 from gmp_dist.pruning.apply import global_score_masks
 from gmp_dist.pruning.errors import UserError
 from gmp_dist.pruning.methods.allocation import GlobalMethod
-from gmp_dist.pruning.methods.base import GLOBAL, MethodInfo, PruneRequest, PruneResult
+from gmp_dist.pruning.methods.base import GLOBAL, MethodInfo, MethodOptions, PruneRequest, PruneResult
 from gmp_dist.pruning.methods.registry import register
+from gmp_dist.pruning.schedule import SMALLEST_ALIVE
 
-# The smallest positive float32: a surviving weight whose flow underflowed still outranks a pruned one
-# (score 0), so a round never revives a weight an earlier round removed.
-_SMALLEST_ALIVE = torch.tensor(1, dtype=torch.int32).view(torch.float32).item()
+
+class SynflowOptions(MethodOptions):
+    """prune.synflow: pruning rounds on the exponential sparsity schedule."""
+
+    iterations: int = Field(default=100, ge=1)
+
+# SMALLEST_ALIVE: a surviving weight whose flow underflowed still outranks a pruned one (score 0), so a
+# round never revives a weight an earlier round removed.
 
 
 def synflow_round_scores(net: torch.nn.Module, params, abs_weights, masks, ones: torch.Tensor) -> list[torch.Tensor]:
@@ -35,13 +42,14 @@ def synflow_round_scores(net: torch.nn.Module, params, abs_weights, masks, ones:
         raw = [torch.zeros_like(p) if g is None else g.mul_(p).abs_() for p, g in zip(params, grads)]
         # One global scale (the same on every rank) keeps float64 flows inside float32's range for the radix ranking.
         top = max(float(r.max()) for r in raw if r.numel()) or 1.0
-        return [r.div_(top).float().clamp_min_(_SMALLEST_ALIVE).masked_fill_(~m, 0.0)
+        return [r.div_(top).float().clamp_min_(SMALLEST_ALIVE).masked_fill_(~m, 0.0)
                 for r, m in zip(raw, masks)]
 
 
 class SynFlow(GlobalMethod):
     info = MethodInfo("synflow", "data-free iterative synaptic-flow scores, one global threshold per round",
-                      "Tanaka et al. 2020, Pruning neural networks without any data (NeurIPS)", GLOBAL)
+                      "Tanaka et al. 2020, Pruning neural networks without any data (NeurIPS)", GLOBAL,
+                      options=SynflowOptions)
 
     def decide(self, request: PruneRequest) -> PruneResult:
         if request.model is None or request.input_shape is None:
@@ -60,12 +68,12 @@ class SynFlow(GlobalMethod):
         abs_weights = [p.detach().clone() for p in params]
         masks = [torch.ones(p.shape, dtype=torch.bool, device=p.device) for p in params]
         ones = torch.ones((1, *request.input_shape), dtype=torch.float64, device=params[0].device)
-        rounds = int(request.options.get("iterations", 100))
+        rounds = self.opts(request.options).iterations
         for k in range(1, rounds + 1):
             target = request.sparsity if k == rounds else 1.0 - (1.0 - request.sparsity) ** (k / rounds)
             scores = synflow_round_scores(net, params, abs_weights, masks, ones)
             masks, decision = global_score_masks(scores, target, request.min_weights, request.comm, request.rank,
-                                                 request.world_size)
+                                                 request.world_size, shared=True)
         return PruneResult(masks, list(decision.mt_bound), decision.threshold)
 
 
