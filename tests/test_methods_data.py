@@ -82,7 +82,7 @@ def test_snip_gradients_all_reduced_across_two_gloo_processes(count):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = get_method("snip").decide(_snip_request(_snip_model(), _batches(2), 0.9, 5))
+        single = get_method("snip").decide(_snip_request(_snip_model(), _batches(count), 0.9, 5))
     finally:
         torch.set_num_threads(threads)
     want = torch.cat([m.reshape(-1) for m in single.masks]).numpy()
