@@ -1,7 +1,8 @@
 """RigL: Evci, Gale, Menick, Castro & Elsen, "Rigging the Lottery: Making All Tickets Winners" (ICML 2020);
 reference code google-research/rigl (``SparseRigLOptimizer``).
 
-The initial masks allocate the kept budget per layer (ERK, or uniform; the first layer optionally dense)
+The initial masks allocate the kept budget per layer (ERK, or uniform; the first layer optionally dense;
+a Minimum Threshold, when given, as a floor on every layer's count)
 and keep each layer's largest |w| (we start from a trained dense model, where magnitudes are the natural
 choice; the paper starts from scratch with random positions). Then every ``update_every`` steps until
 ``end_fraction`` of the run, in every layer: drop the ``floor(α_t · active)`` active weights of smallest
@@ -20,11 +21,12 @@ from typing import Literal, Optional, Sequence
 import torch
 from pydantic import Field
 
+from gmp_dist.pruning.apply import per_layer_masks
 from gmp_dist.pruning.errors import UserError
 from gmp_dist.pruning.global_mp import kept_budget, layer_top_cut
 from gmp_dist.pruning.masks import cut_mask
 from gmp_dist.pruning.methods.allocation import PerLayerMethod
-from gmp_dist.pruning.methods.base import PER_LAYER, MethodInfo, MethodOptions, StepContext
+from gmp_dist.pruning.methods.base import PER_LAYER, MethodInfo, MethodOptions, PruneRequest, PruneResult, StepContext
 from gmp_dist.pruning.methods.budgets import erk_kept, uniform_kept
 from gmp_dist.pruning.methods.registry import register
 from gmp_dist.pruning.schedule import SMALLEST_ALIVE
@@ -41,21 +43,31 @@ class RiglOptions(MethodOptions):
 
 
 def initial_kept(shapes: Sequence[tuple[int, ...]], sparsity: float, allocation: str,
-                 dense_first_layer: bool) -> list[int]:
-    """Weights kept per layer: ERK or uniform over the layers, the first one dense when asked (the rest
-    then share what is left of the budget, by the same rule)."""
+                 dense_first_layer: bool, min_weights: int = 0) -> list[int]:
+    """Weights kept per layer: ERK or uniform over the layers, the first one dense when asked, and every
+    layer at least min(m, n_l) (the Minimum Threshold, when given). Layers fixed by those rules keep their
+    count; the others share what is left of the budget by the same rule, until no layer falls short."""
     rule = erk_kept if allocation == "erk" else uniform_kept
-    if not dense_first_layer or len(shapes) < 2:
-        return rule(shapes, sparsity)
     sizes = [math.prod(int(d) for d in s) for s in shapes]
-    budget = kept_budget(sum(sizes), sparsity) - sizes[0]
-    rest = sum(sizes[1:])
-    if budget < 0:
-        raise UserError(f"prune.rigl.dense_first_layer: the first layer alone ({sizes[0]:,} weights) exceeds the"
-                        f" kept budget at prune.sparsity {sparsity}; lower the sparsity or set it false")
-    kept = rule(shapes[1:], 1.0 - budget / rest)
-    kept[-1] += budget - sum(kept)  # round() of the rescaled sparsity may be one off the exact budget
-    return [sizes[0], *kept]
+    budget = kept_budget(sum(sizes), sparsity)
+    fixed = {0: sizes[0]} if dense_first_layer and len(shapes) > 1 else {}
+    while True:
+        free = [i for i in range(len(shapes)) if i not in fixed]
+        room = budget - sum(fixed.values())
+        if room < 0 or (not free and room):
+            raise UserError(f"prune.sparsity {sparsity} is unreachable for rigl with a dense first layer"
+                            f" (prune.rigl.dense_first_layer) and {min_weights} weights kept per layer; lower"
+                            " the sparsity, the minimum threshold, or set dense_first_layer false")
+        kept = dict(fixed)
+        if free:
+            rest = sum(sizes[i] for i in free)
+            share = rule([shapes[i] for i in free], 1.0 - room / rest)
+            share[-1] += room - sum(share)  # round() of the rescaled sparsity may be one off the exact budget
+            kept.update(zip(free, share))
+        short = {i: min(min_weights, sizes[i]) for i in free if kept[i] < min(min_weights, sizes[i])}
+        if not short:
+            return [kept[i] for i in range(len(shapes))]
+        fixed.update(short)
 
 
 def drop_fraction(step: int, end_step: int, alpha: float) -> float:
@@ -85,9 +97,21 @@ class RigL(PerLayerMethod):
     def __init__(self) -> None:
         self.updates = 0  # mask updates done in this run (checkpointed; for logs and tests)
 
-    def kept_counts(self, shapes, sparsity, options):
+    def kept_counts(self, shapes, sparsity, options, min_weights: int = 0):
         opts = self.opts(options)
-        return initial_kept(shapes, sparsity, opts.allocation, opts.dense_first_layer)
+        return initial_kept(shapes, sparsity, opts.allocation, opts.dense_first_layer, min_weights)
+
+    def check(self, shapes, names, sparsity, min_weights, options, has_data) -> None:
+        # A Minimum Threshold is honoured as a floor on every layer's count (and kept through every
+        # update, since counts never change), so unlike the static per-layer methods RigL accepts one.
+        self.kept_counts(shapes, sparsity, options, min_weights)
+
+    def decide(self, request: PruneRequest) -> PruneResult:
+        kept = self.kept_counts([tuple(t.shape) for t in request.tensors], request.sparsity, request.options,
+                                request.min_weights)
+        masks = per_layer_masks(list(request.tensors), kept, request.comm, request.rank, request.world_size)
+        return PruneResult(masks, [k == min(request.min_weights, t.numel()) and request.min_weights > 0
+                                   for k, t in zip(kept, request.tensors)])
 
     @staticmethod
     def end_step(total_steps: int, options: RiglOptions) -> int:
