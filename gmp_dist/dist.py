@@ -1,14 +1,14 @@
 """The only user of ``torch.distributed`` (design.md §2). With world size 1 every helper is a no-op.
 
 Provides the :class:`~gmp_dist.pruning.global_mp.Collective` the pruning decision runs on, the sum
-reductions exact evaluation needs, and the mask checksum that proves every rank holds the same masks.
+reductions exact evaluation needs, and the on-device mask fingerprint that proves every rank holds the same
+masks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -69,18 +69,6 @@ class TorchCollective:
         return moved.to(tensor.device)
 
 
-def masks_checksum(masks: Sequence[torch.Tensor]) -> tuple[int, int]:
-    """(kept count, 63-bit hash of the packed mask bits) — equal on all ranks iff the masks are."""
-    digest = hashlib.blake2b(digest_size=8)
-    kept = 0
-    for mask in masks:
-        flat = mask.detach().reshape(-1).to("cpu", torch.uint8)
-        kept += int(flat.sum())
-        digest.update(str(tuple(mask.shape)).encode())
-        digest.update(flat.numpy().tobytes())
-    return kept, int.from_bytes(digest.digest(), "little") >> 1
-
-
 # Odd multipliers for the on-device mask hash: position i of layer l contributes (i·A + l·B) mod 2^31.
 _HASH_A, _HASH_B = 2_654_435_761, 40_503
 
@@ -109,15 +97,6 @@ def verify_masks_agree(ctx: DistContext, masks: Sequence[torch.Tensor], what: st
         raise RuntimeError(f"{what} differ across ranks in layer(s) {layers[:5]} (kept count/hash range"
                            f" {low[layers[0]].tolist()}..{high[layers[0]].tolist()}); refusing to train on"
                            " inconsistent masks")
-
-
-def verify_same_on_all_ranks(ctx: DistContext, values: tuple[int, ...], what: str) -> None:
-    """Hard error if any rank's ``values`` differ from rank 0's."""
-    if not ctx.active:
-        return
-    gathered = TorchCollective(ctx).allgather(tuple(values))
-    if any(g != gathered[0] for g in gathered):
-        raise RuntimeError(f"{what} differs across ranks: {gathered}; refusing to train on inconsistent masks")
 
 
 def sum_across_ranks(ctx: DistContext, values: Sequence[float]) -> list[float]:

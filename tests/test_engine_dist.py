@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from gmp_dist.dist import DistContext, TorchCollective, local_group, masks_checksum, verify_same_on_all_ranks
+from gmp_dist.dist import DistContext, TorchCollective, local_group, verify_masks_agree
 from gmp_dist.models import build_model
 from gmp_dist.pruning.apply import decide_masks
 from gmp_dist.pruning.selection import prunable_parameters
@@ -29,12 +29,12 @@ def _rank_main(rank: int, world_size: int, port: int, out) -> None:
         ctx = DistContext(rank, world_size)
         tensors = _weights()
         masks, decision = decide_masks(tensors, 0.95, 120, "exact", TorchCollective(ctx), rank, world_size)
-        verify_same_on_all_ranks(ctx, masks_checksum(masks), "masks")
+        verify_masks_agree(ctx, masks)
         bad = [m.clone() for m in masks]
         if rank == 1:
             bad[0].view(-1)[0] = ~bad[0].view(-1)[0]
         try:
-            verify_same_on_all_ranks(ctx, masks_checksum(bad), "masks")
+            verify_masks_agree(ctx, bad)
             mismatch_caught = False
         except RuntimeError:
             mismatch_caught = True

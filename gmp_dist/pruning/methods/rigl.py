@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 
 from gmp_dist.pruning.apply import per_layer_masks
-from gmp_dist.pruning.errors import UserError
+from gmp_dist.pruning.errors import InfeasibleError, UserError
 from gmp_dist.pruning.global_mp import kept_budget, layer_top_cut
 from gmp_dist.pruning.masks import cut_mask
 from gmp_dist.pruning.methods.allocation import PerLayerMethod
@@ -55,7 +55,7 @@ def initial_kept(shapes: Sequence[tuple[int, ...]], sparsity: float, allocation:
         free = [i for i in range(len(shapes)) if i not in fixed]
         room = budget - sum(fixed.values())
         if room < 0 or (not free and room):
-            raise UserError(f"prune.sparsity {sparsity} is unreachable for rigl with a dense first layer"
+            raise InfeasibleError(f"prune.sparsity {sparsity} is unreachable for rigl with a dense first layer"
                             f" (prune.rigl.dense_first_layer) and {min_weights} weights kept per layer; lower"
                             " the sparsity, the minimum threshold, or set dense_first_layer false")
         kept = dict(fixed)
