@@ -114,8 +114,15 @@ def _read_local(path: Path, source: str) -> ModelFile:
     if is_sparse_export(state):
         return ModelFile("sparse export", state, None, str(path))
     if isinstance(state.get("model"), dict):
-        pruner = state.get("pruner")
-        masks = pruner.get("masks") if isinstance(pruner, dict) else None
+        pruner = state.get("pruner") if isinstance(state.get("pruner"), dict) else {}
+        masks = pruner.get("masks")
+        if pruner.get("method_name"):  # a method's model transform (STR) folded away: plain weights, exact zeros
+            from gmp_dist.pruning.methods import get_method
+
+            method = get_method(pruner["method_name"])
+            state = {**state, "model": method.plain_state_dict(state["model"], None)}
+            if method.info.sparsity_is_outcome:
+                masks = None  # its masks are all-true bookkeeping: the zeros are the sparsity
         return ModelFile("training checkpoint", state, strip_wrappers(masks) if masks else None, str(path))
     if state.get("format") is not None:
         raise UserError(f"{source}: unknown file format {state.get('format')!r} (give {SOURCE_FORMS})")
