@@ -1,6 +1,7 @@
 """Training-loop overheads, each measured side by side in one run (CPU):
 
-- ``masked_step_ratio``: a train step with ``pruner.apply()`` (90% masks) / the same step dense;
+- ``masked_step_ratio``: a train step with the engine's mask hooks (90% masks: gradients masked before the
+  step, weights re-zeroed after it) / the same step dense;
 - ``mlflow_overhead_ratio``: an epoch of steps that logs its metrics to MLflow (sqlite) / with a no-op tracker,
   the tracker's share timed where it falls (see ``mlflow_overhead_ratios``);
 - ``ray_vs_torch_epoch_ratio``: steady-state epoch time of 2 Ray Train workers / the same loop under plain
@@ -46,11 +47,14 @@ def _step_setup():
 
 
 def train_step(model, opt, x, y, pruner=None, forward_context=contextlib.nullcontext) -> None:
-    """One SGD step as the engine takes it: forward (inside ``forward_context``), backward, step, masks."""
+    """One SGD step as the engine takes it: forward (inside ``forward_context``), backward, masked gradients,
+    step, masked weights (design.md §3.10)."""
     with forward_context():
         loss = nn.functional.cross_entropy(model(x), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if pruner is not None:
+        pruner.mask_gradients()
     opt.step()
     if pruner is not None:
         pruner.apply()

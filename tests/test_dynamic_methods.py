@@ -200,3 +200,53 @@ def test_ranks_agree_by_construction_with_different_local_scores(method):
 
     alone = [_perturbed_decide(method, rank, LOCAL, world_size=1) for rank in range(2)]
     assert not all(np.array_equal(a, b) for a, b in zip(*alone))
+
+
+def _rigl_rank(rank: int, port: int, out) -> None:
+    from gmp_dist.dist import local_group
+
+    torch.set_num_threads(1)
+    with local_group(rank, 2, port):
+        model = _mlp()
+        controller = PruningController(load_config(None, ["prune.method=rigl", "prune.sparsity=0.8",
+                                                          "prune.rigl.update_every=2"]).prune,
+                                       model, "mlp", DistContext(rank, 2))
+        net = nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        controller.set_horizon(1, 12)
+        controller.prune(0, optimizer)
+        for step, (inputs, targets) in enumerate(_batches(12, seed=10 + rank)):  # each rank its own batches
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(inputs), targets).backward()
+            controller.after_backward(step, optimizer)
+            optimizer.step()
+            controller.after_step(step, optimizer)
+        inputs, targets = _batches(1, seed=10 + rank)[0]
+        local_loss = float(nn.functional.cross_entropy(model(inputs), targets))  # differs: the data differ
+        out.put((rank, [m.numpy() for m in controller.pruner.mask_list()], controller.method.updates, local_loss))
+
+
+def test_rigl_on_two_gloo_ranks_with_different_batches_keeps_identical_masks():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_rigl_rank, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r, rest) for r, *rest in (queue.get() for _ in range(2)))
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    (masks0, updates0, loss0), (masks1, updates1, loss1) = results[0], results[1]
+    assert updates0 == updates1 == 4  # steps 2, 4, 6, 8 (T_end = 9)
+    assert loss0 != loss1  # the ranks did see different data
+    assert all(np.array_equal(a, b) for a, b in zip(masks0, masks1))
+    initial = get_method("rigl").decide(PruneRequest(
+        [str(i) for i in range(3)], [m.weight.detach() for m in _mlp() if isinstance(m, nn.Linear)], 0.8)).masks
+    assert any(not np.array_equal(a, b.numpy()) for a, b in zip(masks0, initial))  # the updates moved masks

@@ -33,11 +33,18 @@ def _rank_main(rank: int, world_size: int, port: int, out) -> None:
         bad = [m.clone() for m in masks]
         if rank == 1:
             bad[0].view(-1)[0] = ~bad[0].view(-1)[0]
-        try:
-            verify_masks_agree(ctx, bad)
-            mismatch_caught = False
-        except RuntimeError:
-            mismatch_caught = True
+        moved = [m.clone() for m in masks]  # same kept count, one kept weight moved: the hash must see it
+        if rank == 1:
+            flat = moved[2].view(-1)
+            kept_at, pruned_at = int(flat.nonzero()[0]), int((~flat).nonzero()[0])
+            flat[kept_at], flat[pruned_at] = False, True
+        mismatch_caught = True
+        for wrong in (bad, moved):
+            try:
+                verify_masks_agree(ctx, wrong)
+                mismatch_caught = False
+            except RuntimeError:
+                pass
         # numpy, not tensors: torch would pass shared-memory handles that vanish when this process exits
         out.put((rank, decision.as_tensor().numpy(), torch.cat([m.reshape(-1) for m in masks]).numpy(), mismatch_caught))
 

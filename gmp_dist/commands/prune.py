@@ -98,6 +98,13 @@ def run(args: argparse.Namespace) -> int:
     tensors = [p.detach() for _, p in named]
     min_weights = resolve_min_weights(sum(t.numel() for t in tensors), args.min_weights, args.min_threshold_pct)
     method = get_method(args.method)
+    if method.info.dynamic:
+        from gmp_dist.pruning.methods import available
+
+        static = ", ".join(i.name for i in available() if i.prunes and not i.dynamic)
+        raise UserError(f"--method {args.method} changes its masks (or learns its sparsity) during training: run it"
+                        f" with `gmp-dist train --set prune.method={args.method}`; offline pruning takes a static"
+                        f" method ({static})")
     options = _options(cfg, args.method)
     method.check([tuple(t.shape) for t in tensors], [n for n, _ in named], args.sparsity, min_weights, options,
                  has_data=cfg is not None)
