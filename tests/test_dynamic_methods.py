@@ -250,3 +250,22 @@ def test_rigl_on_two_gloo_ranks_with_different_batches_keeps_identical_masks():
     initial = get_method("rigl").decide(PruneRequest(
         [str(i) for i in range(3)], [m.weight.detach() for m in _mlp() if isinstance(m, nn.Linear)], 0.8)).masks
     assert any(not np.array_equal(a, b.numpy()) for a, b in zip(masks0, initial))  # the updates moved masks
+
+
+def test_gradual_event_keeps_exactly_k_when_the_cut_lands_on_zero():
+    """Alive weights that trained to exactly 0 must outrank pruned ones, or ``new & old`` keeps fewer than K."""
+    model = nn.Sequential(nn.Linear(10, 10, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.arange(1, 101, dtype=torch.float32).reshape(10, 10))  # |w| rises with index
+    cfg = load_config(None, ["prune.schedule=gradual", "prune.sparsity=0.55", "prune.gradual.initial_sparsity=0.5",
+                             "prune.gradual.start=0", "prune.gradual.end=1", "prune.gradual.shape=linear",
+                             "prune.gradual.unit=step"])
+    controller = PruningController(cfg.prune, model, "one", DistContext())
+    controller.prune(0, None)  # keeps the top 50: flat indices 50..99
+    first = controller.pruner.mask_list()[0].clone()
+    assert int(first.sum()) == 50 and bool(first.view(-1)[50:].all())
+    with torch.no_grad():
+        model[0].weight.view(-1)[50:95] = 0.0  # 45 alive weights reach exactly zero; 5 non-zero remain
+    controller.prune(1, None)  # K = 45: the cut lands on the value 0, where pruned positions come first by index
+    second = controller.pruner.mask_list()[0]
+    assert int(second.sum()) == 45 and not bool((second & ~first).any())
