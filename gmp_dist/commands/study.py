@@ -1,7 +1,9 @@
 """`gmp-dist study CONFIG --out DIR [--set KEY=VALUE ...]`: the paper's comparison on one model.
 
 The dense model is trained once (unless ``study.dense.checkpoint`` names one); then for every method
-entry x sparsity x seed: one-shot prune from the dense model, evaluate, fine-tune, evaluate. Writes
+entry x sparsity x seed: one-shot prune from the dense model, evaluate, fine-tune, evaluate. An entry of a
+method that learns its sparsity (STR) gives its points by ``sweep: {OPTION: [values]}`` instead of the
+sparsities, and its rows report the sparsity each run reached. Writes
 ``DIR/results.csv``, ``DIR/results.md``, ``DIR/accuracy_vs_sparsity.png``, ``DIR/accuracy_vs_flops.png``
 and ``DIR/layers.png``, all also logged to the MLflow parent run ``<name>-study`` (one child run per point).
 Rerunning with the same ``--out`` skips finished points. See ``gmp_dist.study`` and README "What the study shows".
@@ -65,9 +67,11 @@ def run(args: argparse.Namespace) -> int:
 def _print_plan(plan) -> None:
     runnable, infeasible = plan.runnable, [p for p in plan.points if p.infeasible]
     dense = plan.dense_cfg.name if plan.dense_cfg is not None else plan.dense_source
-    print(f"study {plan.study.name}: {len(plan.study.methods)} method(s) x {len(plan.study.sparsities)} sparsities x"
-          f" {len(plan.study.seeds)} seed(s) = {len(plan.points)} point(s), {len(infeasible)} infeasible;"
-          f" dense start: {dense}; output: {plan.out}")
+    swept = [m for m in plan.study.methods if m.sweep]
+    axes = f"{len(plan.study.methods) - len(swept)} method(s) x {len(plan.study.sparsities)} sparsities"
+    axes += "".join(f" + {m.name} x {len(m.sweep_values)} {m.sweep_key} value(s)" for m in swept)
+    print(f"study {plan.study.name}: ({axes}) x {len(plan.study.seeds)} seed(s) = {len(plan.points)} point(s),"
+          f" {len(infeasible)} infeasible; dense start: {dense}; output: {plan.out}")
     for point in runnable:
         print(f"  {point.name}")
     for point in infeasible:

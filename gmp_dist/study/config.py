@@ -5,10 +5,18 @@ study:
   name: digits                      # parent run <name>-study, points <name>-<label>-s<sparsity>[-seed<k>]
   run: {base: ../quickstart/dense.yaml, train: {epochs: 8}}   # the fine-tuning run config, or a path to one
   dense: {checkpoint: null, set: {train.epochs: 15}}        # null: train it once (base + set, method none)
-  methods: [{method: global_mp}, {method: global_mp, min_threshold_pct: 0.2, label: Global MP + MT}]
+  methods:
+    - {method: global_mp}
+    - {method: global_mp, min_threshold_pct: 0.2, label: Global MP + MT, reference: {0.9: 98.5}}
+    - {method: rigl, options: {update_every: 10}}           # prune.rigl.update_every in every point
+    - {method: str, sweep: {s_init: [-5.0, -3.0]}}         # points <name>-str-s_init-5-seed0, ...
   sparsities: [0.9, 0.95]
   seeds: [0]
 ```
+
+An entry's points are its method at every sparsity of ``sparsities`` -- unless the method learns its
+sparsity (STR: ``MethodInfo.sparsity_is_outcome``). Such an entry must carry a ``sweep`` over exactly one
+of its options instead, one point per value, and its rows report the sparsity each point reached.
 
 Everything is validated before anything runs: the study section by its schema, then the base run config
 and every point's run config (method, MT and sparsity filled in) by the run schema, each error naming
@@ -19,10 +27,12 @@ base run config (and so every point and the dense run).
 from __future__ import annotations
 
 import copy
+import difflib
+import json
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from gmp_dist.config import RunConfig, validate_config
 from gmp_dist.config.load import (
@@ -37,13 +47,75 @@ from gmp_dist.config.schema import Float, Section
 from gmp_dist.errors import UserError
 
 
+class PaperNumber(Section):
+    """One published result of a method entry (the paper's tables): top-1 and FLOPs pruned in percent."""
+
+    top1: Float = Field(ge=0.0, le=100.0)
+    flops_pruned: Optional[Float] = Field(default=None, ge=0.0, le=100.0)
+    note: Optional[str] = None
+
+
 class MethodEntry(Section):
-    """One curve of the study: a pruning method (``prune.method``), optionally with the Minimum Threshold."""
+    """One curve of the study: a pruning method (``prune.method``), optionally with the Minimum Threshold,
+    its own options (``prune.<method>.<key>``), and for a method whose sparsity is learned (STR) a sweep
+    over one option that replaces the sparsity axis; ``reference`` holds published numbers to compare."""
 
     method: str
     min_threshold_pct: Optional[Float] = Field(default=None, ge=0.0, le=100.0)
     min_weights: Optional[int] = Field(default=None, ge=0)
     label: Optional[str] = Field(default=None, min_length=1)
+    # prune.<method>.<key> in every point's run config, e.g. {update_every: 10} for rigl.
+    options: dict[str, Any] = Field(default_factory=dict)
+    # Exactly one option of a method whose sparsity is an outcome, and its values: one point per value.
+    sweep: Optional[dict[str, list[Any]]] = None
+    # The paper's numbers: {sparsity: top-1} or {sparsity: {top1, flops_pruned, note}}, sparsity a fraction
+    # (for a learned-sparsity method the sparsity the paper reached).
+    reference: dict[Float, Union[Float, PaperNumber]] = Field(default_factory=dict)
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        method = _method_info(info)
+        if method is not None and options:
+            _check_options(method, options)
+        return options
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep(cls, sweep: Optional[dict[str, list[Any]]], info: ValidationInfo):
+        method = _method_info(info)
+        if sweep is None or method is None:
+            return sweep
+        fields = sorted(method.options.model_fields) if method.options else []
+        if not method.sparsity_is_outcome:
+            raise ValueError(f"method {method.name!r} is set by a target sparsity, so its points come from"
+                             " study.sparsities; a sweep is only for a method whose sparsity is an outcome"
+                             f" ({', '.join(_outcome_names())}); drop it")
+        if len(sweep) != 1:
+            raise ValueError(f"give exactly one option to sweep, as {{KEY: [values]}} (got {len(sweep)} keys;"
+                             f" {method.name}'s options: {', '.join(fields)})")
+        (key, values), = sweep.items()
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{key!r} is not an option of {method.name}{hint} (its options: {', '.join(fields)})")
+        if not values:
+            raise ValueError(f"{key}: give at least one value")
+        if len({json.dumps(v) for v in values}) != len(values):
+            raise ValueError(f"{key}: values repeat: {values}")
+        if key in info.data.get("options", {}):
+            raise ValueError(f"{key} is both swept here and fixed in options: give it in one place")
+        for value in values:
+            _check_options(method, {**info.data.get("options", {}), key: value}, where=f"{key} value {value!r}")
+        return sweep
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, reference: dict) -> dict:
+        bad = [s for s in reference if not 0.0 < s < 1.0]
+        if bad:
+            raise ValueError(f"reference sparsities are fractions in (0, 1), got {bad}")
+        return reference
 
     @model_validator(mode="after")
     def _valid(self) -> "MethodEntry":
@@ -52,14 +124,23 @@ class MethodEntry(Section):
         if self.min_weights is not None and self.min_threshold_pct is not None:
             raise ValueError("give at most one of min_weights and min_threshold_pct")
         info = get_method(self.method).info  # a UserError (a ValueError) listing the methods, with a hint
-        if not info.uses_sparsity:
-            usable = ", ".join(i.name for i in available() if i.uses_sparsity)
+        if info.sparsity_is_outcome:
+            if self.sweep is None:
+                fields = sorted(info.options.model_fields) if info.options else []
+                example = f"sweep: {{{fields[0]}: [-5.0, -3.0]}}" if fields else "sweep: {KEY: [values]}"
+                raise ValueError(f"method {self.method!r} learns its sparsity (an outcome, not a target), so it has no"
+                                 f" place on the sparsity axis: give this entry a sweep over one of its options"
+                                 f" ({', '.join(fields)}), one point per value, e.g. {example}")
+        elif not info.uses_sparsity:
+            usable = ", ".join(i.name for i in available() if i.uses_sparsity or i.sparsity_is_outcome)
             raise ValueError(f"method {self.method!r} is not set by a sparsity, so it has no place on a sparsity"
                              f" axis (study methods: {usable})")
-        if self.has_mt and not info.accepts_mt:
+        # A dynamic per-layer method (RigL) may honour MT as a floor: its own check decides, at planning.
+        if self.has_mt and not info.accepts_mt and (info.sparsity_is_outcome or not info.dynamic):
             takers = ", ".join(i.name for i in available() if i.accepts_mt)
-            raise ValueError(f"method {self.method!r} allocates a count per layer and takes no Minimum Threshold;"
-                             f" drop min_threshold_pct / min_weights here (methods with MT: {takers})")
+            what = "learns its per-layer thresholds" if info.sparsity_is_outcome else "allocates a count per layer"
+            raise ValueError(f"method {self.method!r} {what} and takes no Minimum Threshold; drop"
+                             f" min_threshold_pct / min_weights here (methods with MT: {takers})")
         return self
 
     @property
@@ -72,8 +153,68 @@ class MethodEntry(Section):
         if self.label:
             return self.label
         if self.min_threshold_pct:
-            return f"{self.method} + MT {self.min_threshold_pct:g}%"
-        return f"{self.method} + MT {self.min_weights}" if self.min_weights else self.method
+            name = f"{self.method} + MT {self.min_threshold_pct:g}%"
+        else:
+            name = f"{self.method} + MT {self.min_weights}" if self.min_weights else self.method
+        return name + "".join(f" {k}={option_text(v)}" for k, v in sorted(self.options.items()))
+
+    @property
+    def sweep_key(self) -> Optional[str]:
+        return next(iter(self.sweep)) if self.sweep else None
+
+    @property
+    def sweep_values(self) -> list[Any]:
+        return list(self.sweep.values())[0] if self.sweep else []
+
+    def paper_numbers(self) -> list[tuple[float, PaperNumber]]:
+        """The reference as (sparsity, number) pairs, by sparsity."""
+        return sorted((s, v if isinstance(v, PaperNumber) else PaperNumber(top1=v)) for s, v in self.reference.items())
+
+    def identity(self) -> tuple:
+        """What makes two entries the same curve (labels aside)."""
+        return (self.method, self.min_threshold_pct, self.min_weights, json.dumps(self.options, sort_keys=True),
+                self.sweep_key)
+
+
+def option_text(value: Any) -> str:
+    """An option value as written in names: 10, 0.3, true, uniform."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _method_info(info: ValidationInfo):
+    """The entry's method (validated before the fields after it), or None when it is not a method."""
+    from gmp_dist.pruning.methods import get_method
+
+    try:
+        return get_method(info.data["method"]).info
+    except (KeyError, ValueError):
+        return None
+
+
+def _outcome_names() -> list[str]:
+    from gmp_dist.pruning.methods import available
+
+    return [i.name for i in available() if i.sparsity_is_outcome]
+
+
+def _check_options(method, options: dict[str, Any], where: str = "") -> None:
+    """``options`` as ``prune.<method>``'s own model would take them; a ValueError naming each problem."""
+    if method.options is None:
+        raise ValueError(f"method {method.name!r} takes no options (prune.{method.name} does not exist)")
+    fields = sorted(method.options.model_fields)
+    unknown = [k for k in options if k not in fields]
+    if unknown:
+        hints = [f"{k!r}" + (f" (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, fields, n=1)) else "")
+                 for k in unknown]
+        raise ValueError(f"{', '.join(hints)}: not an option of {method.name} (its options: {', '.join(fields)})")
+    try:
+        method.options.model_validate(options)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
+                             for e in exc.errors())
+        raise ValueError(f"prune.{method.name} {where + ': ' if where else ''}{problems}") from None
 
 
 class DenseCfg(Section):
@@ -115,12 +256,12 @@ class StudyCfg(Section):
 
     @model_validator(mode="after")
     def _distinct_methods(self) -> "StudyCfg":
-        keys = [(m.method, m.min_threshold_pct, m.min_weights) for m in self.methods]
+        keys = [m.identity() for m in self.methods]
         names = [m.name for m in self.methods]
         for i, key in enumerate(keys):
             if keys.index(key) != i or names.index(names[i]) != i:
-                raise ValueError(f"methods.{i} ({names[i]}) repeats an earlier entry: give each (method, MT) once"
-                                 " and every label once")
+                raise ValueError(f"methods.{i} ({names[i]}) repeats an earlier entry: give each (method, MT,"
+                                 " options) once and every label once")
         return self
 
 

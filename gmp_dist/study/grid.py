@@ -1,7 +1,10 @@
 """The study's plan: the dense run (or the named dense checkpoint) and every point of method x sparsity x seed.
 
-Each point is a full run config derived from the base (method, MT, sparsity, seed, the dense start, a run
-folder under ``OUT/runs``) and passes ``train.preflight`` before anything runs. A point whose MT cannot
+Each point is a full run config derived from the base (method, MT, sparsity, the entry's options, seed, the
+dense start, a run folder under ``OUT/runs``) and passes ``train.preflight`` before anything runs. An entry
+whose method learns its sparsity (STR) has one point per value of its ``sweep`` instead of one per
+sparsity: ``prune.<method>.<key>`` is set, ``prune.sparsity`` left as the base has it (the method ignores
+it), and the point's sparsity is whatever its run reaches. A point whose MT cannot
 reach its sparsity (``InfeasibleError``) becomes an infeasible row with the reason; any other problem is
 bad input and stops the study (exit 2) naming the entry.
 """
@@ -12,14 +15,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from gmp_dist.commands.sweep import Point, safe_name
 from gmp_dist.config import RunConfig
 from gmp_dist.errors import InfeasibleError, UserError
-from gmp_dist.study.config import MethodEntry, StudyCfg, derived_config
+from gmp_dist.study.config import MethodEntry, StudyCfg, derived_config, option_text
 
 DENSE_FINAL = "final.pt"
 
@@ -27,25 +30,39 @@ DENSE_FINAL = "final.pt"
 @dataclass(frozen=True)
 class StudyPoint:
     entry: MethodEntry
-    sparsity: float
+    sparsity: Optional[float]  # the target; None where the method learns it (the run's outcome)
     seed: int
     name: str
     cfg: RunConfig
     min_weights_per_layer: int  # the MT as resolved for this model (0: none)
     infeasible: Optional[str] = None  # why the point cannot run, or None
+    given: Optional[tuple[str, Any]] = None  # (option, value) of a sweep point, in place of a sparsity
 
     @property
     def label(self) -> str:
         return self.entry.name
 
+    @property
+    def given_text(self) -> str:
+        """What the point was given, for people: "sparsity 0.9" or "s_init -3"."""
+        if self.given is None:
+            return f"sparsity {self.sparsity:g}"
+        return f"{self.given[0]} {option_text(self.given[1])}"
+
     def sweep_point(self) -> Point:
         """The same point as ``gmp-dist sweep`` sees one (its settings tag the child run)."""
-        settings = [("prune.method", self.entry.method), ("prune.sparsity", f"{self.sparsity:g}"),
-                    ("train.seed", str(self.seed))]
+        method = self.entry.method
+        settings = [("prune.method", method)]
+        if self.given is None:
+            settings.append(("prune.sparsity", f"{self.sparsity:g}"))
+        settings.append(("train.seed", str(self.seed)))
         if self.entry.min_threshold_pct is not None:
             settings.append(("prune.min_threshold_pct", f"{self.entry.min_threshold_pct:g}"))
         if self.entry.min_weights is not None:
             settings.append(("prune.min_weights", str(self.entry.min_weights)))
+        settings += [(f"prune.{method}.{k}", option_text(v)) for k, v in sorted(self.entry.options.items())]
+        if self.given is not None:
+            settings.append((f"prune.{method}.{self.given[0]}", option_text(self.given[1])))
         return Point(tuple(settings), self.cfg)
 
 
@@ -84,28 +101,39 @@ def plan_study(study: StudyCfg, base: RunConfig, out: Path) -> StudyPlan:
     n_prunable = _prunable_weights(base)
     points = []
     for index, entry in enumerate(study.methods):
-        for sparsity in study.sparsities:
+        axis = [(None, (entry.sweep_key, v)) for v in entry.sweep_values] if entry.sweep else \
+            [(s, None) for s in study.sparsities]
+        for sparsity, given in axis:
             for seed in study.seeds:
-                points.append(_point(study, base, index, entry, sparsity, seed, common, dense_source, n_prunable))
+                points.append(_point(study, base, index, entry, sparsity, given, seed, common, dense_source,
+                                     n_prunable))
     names = [p.name for p in points]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         raise UserError(f"study.methods: entries give the same run name twice ({', '.join(clashes)}); list each"
-                        " method and MT once")
+                        " method, MT and options once, and each sweep value once")
     return StudyPlan(study, base, out, dense_cfg, dense_source, points, n_prunable)
 
 
-def _point(study: StudyCfg, base: RunConfig, index: int, entry: MethodEntry, sparsity: float, seed: int,
-           common: dict, dense_source: str, n_prunable: int) -> StudyPoint:
+def _point(study: StudyCfg, base: RunConfig, index: int, entry: MethodEntry, sparsity: Optional[float],
+           given: Optional[tuple[str, Any]], seed: int, common: dict, dense_source: str,
+           n_prunable: int) -> StudyPoint:
     from gmp_dist.commands.train import preflight
     from gmp_dist.pruning.masks import resolve_min_weights
 
-    name = f"{study.name}-{_slug(entry)}-s{sparsity:g}-seed{seed}"
+    axis = f"{given[0]}{option_text(given[1])}" if given else f"s{sparsity:g}"
+    name = f"{study.name}-{_slug(entry)}-{safe_name(axis)}-seed{seed}"
     settings = {**common, "name": name, "tracking.run_name": name, "model.pretrained": dense_source,
-                "prune.method": entry.method, "prune.schedule": "oneshot", "prune.sparsity": sparsity,
+                "prune.method": entry.method, "prune.schedule": "oneshot",
                 "prune.min_threshold_pct": entry.min_threshold_pct, "prune.min_weights": entry.min_weights,
                 "train.seed": seed}
-    where = f"study.methods.{index} ({entry.name}) at sparsity {sparsity:g}"
+    if given is None:
+        settings["prune.sparsity"] = sparsity
+    settings.update({f"prune.{entry.method}.{k}": v for k, v in entry.options.items()})
+    if given is not None:
+        settings[f"prune.{entry.method}.{given[0]}"] = given[1]
+    where = f"study.methods.{index} ({entry.name}) at " + (f"{given[0]} {option_text(given[1])}" if given
+                                                            else f"sparsity {sparsity:g}")
     cfg = _checked(base, settings, where)
     mt = resolve_min_weights(n_prunable, entry.min_weights, entry.min_threshold_pct)
     # The dense start may not exist yet (it is trained first): check everything else now.
@@ -114,17 +142,20 @@ def _point(study: StudyCfg, base: RunConfig, index: int, entry: MethodEntry, spa
     try:
         preflight(checkable)
     except InfeasibleError as exc:
-        return StudyPoint(entry, sparsity, seed, name, cfg, mt, infeasible=str(exc))
+        return StudyPoint(entry, sparsity, seed, name, cfg, mt, infeasible=str(exc), given=given)
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
-    return StudyPoint(entry, sparsity, seed, name, cfg, mt)
+    return StudyPoint(entry, sparsity, seed, name, cfg, mt, given=given)
 
 
 def _slug(entry: MethodEntry) -> str:
-    """Run names from what the point is (labels are for people and may change): global_mp-mt0.2pct."""
+    """Run names from what the point is (labels are for people and may change): global_mp-mt0.2pct,
+    rigl-update_every=10 (options, by key)."""
     if entry.min_threshold_pct:
-        return safe_name(f"{entry.method}-mt{entry.min_threshold_pct:g}pct")
-    return safe_name(f"{entry.method}-mt{entry.min_weights}" if entry.min_weights else entry.method)
+        slug = f"{entry.method}-mt{entry.min_threshold_pct:g}pct"
+    else:
+        slug = f"{entry.method}-mt{entry.min_weights}" if entry.min_weights else entry.method
+    return safe_name("-".join([slug, *(f"{k}={option_text(v)}" for k, v in sorted(entry.options.items()))]))
 
 
 def _checked(base: RunConfig, settings: dict, where: str) -> RunConfig:

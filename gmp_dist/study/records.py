@@ -2,7 +2,9 @@
 
 A finished point's numbers come from its run's result (one-shot and fine-tuned top-1) and from its final
 model (``final.pt``): kept weights per layer measured from the tensors (design.md: sparsity is always
-measured), the layer-collapse verdict and FLOPs pruned from the pruning core's report.
+measured), the layer-collapse verdict and FLOPs pruned from the pruning core's report. A point of a sweep
+(a method that learns its sparsity) has no target: ``sparsity`` is None and ``given`` names what it was
+given instead (``{"s_init": -3.0}``); its sparsity is ``measured_sparsity``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class PointRecord:
     name: str
     label: str
     method: str
-    sparsity: float  # the target
+    sparsity: Optional[float]  # the target; None for a sweep point (see given, measured_sparsity)
     seed: int
     mt: int  # Minimum Threshold, weights per layer (0: none)
     status: str  # finished | infeasible | failed
@@ -38,10 +40,16 @@ class PointRecord:
     layers: list[dict] = field(default_factory=list)  # {name, weights, kept}
     run_id: Optional[str] = None
     fingerprint: str = ""
+    given: dict = field(default_factory=dict)  # a sweep point's {option: value}; {} for a target sparsity
 
     @property
     def finished(self) -> bool:
         return self.status == FINISHED
+
+    @property
+    def reached(self) -> Optional[float]:
+        """The sparsity this point stands at: the target, or for a sweep point what its run reached."""
+        return self.measured_sparsity if self.given else self.sparsity
 
 
 def record_path(out: Path, name: str) -> Path:
@@ -92,7 +100,7 @@ def finished_record(point, result: dict, meter: ModelMeter, fingerprint: str) ->
     report = meter.report(result["final_model"], point.min_weights_per_layer)
     return PointRecord(
         name=point.name, label=point.label, method=point.entry.method, sparsity=point.sparsity, seed=point.seed,
-        mt=point.min_weights_per_layer, status=FINISHED,
+        mt=point.min_weights_per_layer, status=FINISHED, given=_given(point),
         oneshot_top1=_number(result.get("pruned_val_top1")), finetuned_top1=_number(result.get("final_val_top1")),
         measured_sparsity=report["sparsity"], flops_pruned=report["flops_pruned"],
         kept_weights=report["kept_weights"], prunable_weights=report["prunable_weights"],
@@ -104,7 +112,11 @@ def finished_record(point, result: dict, meter: ModelMeter, fingerprint: str) ->
 def unfinished_record(point, status: str, reason: str, run_id: Optional[str] = None) -> PointRecord:
     return PointRecord(name=point.name, label=point.label, method=point.entry.method, sparsity=point.sparsity,
                        seed=point.seed, mt=point.min_weights_per_layer, status=status, reason=" ".join(reason.split()),
-                       run_id=run_id)
+                       run_id=run_id, given=_given(point))
+
+
+def _given(point) -> dict:
+    return {} if point.given is None else {point.given[0]: point.given[1]}
 
 
 def _number(value) -> Optional[float]:

@@ -27,6 +27,7 @@ from gmp_dist.commands.sweep import Outcome, Point, run_point, start_parent_run,
 from gmp_dist.errors import UserError
 from gmp_dist.reporting.collect import TAG_SWEEP
 from gmp_dist.signals import stop_on_signals
+from gmp_dist.study.config import option_text
 from gmp_dist.study.grid import StudyPlan, StudyPoint, fingerprint
 from gmp_dist.study.records import (
     FAILED,
@@ -95,9 +96,10 @@ def run_study(plan: StudyPlan, write_outputs) -> StudyResult:
 
 def execution_order(plan: StudyPlan) -> list[StudyPoint]:
     """Highest sparsity first, every method at it before the next: the methods differ most there, and an
-    interrupted study then still holds complete side-by-side columns."""
+    interrupted study then still holds complete side-by-side columns. Points of a sweep (whose sparsity is
+    only known once they ran) come after, in the order their entries give them."""
     index = {id(p): i for i, p in enumerate(plan.points)}
-    return sorted(plan.runnable, key=lambda p: (-p.sparsity, p.seed, index[id(p)]))
+    return sorted(plan.runnable, key=lambda p: (p.sparsity is None, -(p.sparsity or 0.0), p.seed, index[id(p)]))
 
 
 def collect_records(plan: StudyPlan, outcomes: list[Outcome]) -> list[PointRecord]:
@@ -217,6 +219,9 @@ def _open_parent(plan: StudyPlan) -> tuple[Optional[str], Optional[str]]:
     study = plan.study
     grid = {"prune.method": [m.name for m in study.methods], "prune.sparsity": [f"{s:g}" for s in study.sparsities],
             "train.seed": [str(s) for s in study.seeds]}
+    for m in study.methods:  # a sweep replaces the sparsity axis for its entry
+        if m.sweep:
+            grid[f"prune.{m.method}.{m.sweep_key}"] = [option_text(v) for v in m.sweep_values]
     base = plan.base.model_copy(update={"name": study.name})
     uri, parent = start_parent_run(base, "study", {TAG_SWEEP: json.dumps(grid), TAG_STUDY: study.name})
     tmp = state_path.with_suffix(".tmp")
