@@ -4,7 +4,10 @@ Accuracy figures: one colour per method entry, fine-tuned solid (circles), one-s
 dense model as a grey line. The x axis is the *remaining* fraction (1 - sparsity, 1 - FLOPs pruned) on a
 log scale, reversed so sparsity grows to the right: 90%, 99% and 99.9% are evenly spaced, which is where
 the methods differ. Left panel: everything on 0-100%; right panel: the fine-tuned curves, zoomed.
-A red ring marks a point with a collapsed layer; infeasible points are listed under the legend.
+A red ring marks a point with a collapsed layer; infeasible points are listed under the legend. A row
+given an option instead of a sparsity (STR's s_init) is drawn where its run landed (its reached sparsity,
+its FLOPs pruned). The paper's numbers, where the study's entries give them, are hollow squares in the
+method's colour on the zoomed panel.
 Matplotlib's object API on an Agg canvas: no pyplot state, no display.
 """
 
@@ -30,8 +33,10 @@ def colours(labels: Sequence[str]) -> dict[str, str]:
 
 
 def plot_accuracy(rows: Sequence[Row], path: Path, *, x_of: Callable[[Row], Optional[float]], xlabel: str,
-                  title: str, dense_top1: Optional[float]) -> Path:
-    """``x_of(row)`` is the fraction removed (sparsity or FLOPs pruned) the row is drawn at."""
+                  title: str, dense_top1: Optional[float],
+                  paper: Sequence[tuple[str, float, float]] = ()) -> Path:
+    """``x_of(row)`` is the fraction removed (sparsity or FLOPs pruned) the row is drawn at; ``paper``:
+    (label, fraction removed, top-1) of the paper's numbers on the same axis."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -56,6 +61,10 @@ def plot_accuracy(rows: Sequence[Row], path: Path, *, x_of: Callable[[Row], Opti
             collapsed_any = True
             for ax in (full, zoom):
                 ax.scatter(*zip(*bad), **_COLLAPSE_RING)
+    for label, x, top1 in paper:
+        zoom.scatter([_remaining(x)], [top1], marker="s", s=42, facecolors="none", zorder=4,
+                     edgecolors=colour.get(label, "black"), linewidths=1.4)
+        xs_all.append(_remaining(x))
     for ax in (full, zoom):
         if dense_top1 is not None:
             ax.axhline(dense_top1, **_DENSE_STYLE)
@@ -64,13 +73,16 @@ def plot_accuracy(rows: Sequence[Row], path: Path, *, x_of: Callable[[Row], Opti
         ax.set_ylabel("top-1 accuracy (%)")
     full.set_ylim(0, 102)
     full.set_title("one-shot (dashed) and fine-tuned (solid)", fontsize=10)
-    _zoom_to_finetuned(zoom, rows, dense_top1)
+    _zoom_to_finetuned(zoom, rows, dense_top1, [top1 for _, _, top1 in paper])
     zoom.set_title("fine-tuned, zoomed", fontsize=10)
     handles = [Line2D([], [], color=colour[label], linewidth=2.5, label=label) for label in labels]
     handles += [Line2D([], [], color="black", marker="o", linewidth=1.8, label="fine-tuned"),
                 Line2D([], [], color="black", marker="x", linestyle="--", linewidth=1.2, label="one-shot")]
     if dense_top1 is not None:
         handles.append(Line2D([], [], label=f"dense ({dense_top1:.2f}%)", **_DENSE_STYLE))
+    if paper:
+        handles.append(Line2D([], [], marker="s", markerfacecolor="none", markeredgecolor="black", linestyle="none",
+                              label="the paper (same colour)"))
     if collapsed_any:
         handles.append(Line2D([], [], marker="o", markersize=10, markerfacecolor="none", markeredgecolor="#d62728",
                               linestyle="none", label="a layer collapsed"))
@@ -103,14 +115,17 @@ def plot_layers(rows: Sequence[Row], path: Path, title: str) -> Path:
     floor = min(smallest / 3, 0.5 / max(la["weights"] for la in layers)) if 0 in fractions else smallest / 3
     for i, row in enumerate(chosen):
         kept = [la["kept"] / la["weights"] for la in row.finished[0].layers]
+        # A swept row stands at its own reached sparsity, near (not at) the one shown: say where.
+        label = f"{row.label} ({row.given_text}: {100 * row.finished[0].measured_sparsity:.2f}%)" if row.swept \
+            else row.label
         if count <= 12:
             offsets = [j - 0.4 + width * (i + 0.5) for j in range(count)]
             ax.bar(offsets, [k if k > 0 else math.nan for k in kept], width=width, color=colour[row.label],
-                   label=row.label)
+                   label=label)
         else:
             offsets = list(range(count))
             ax.plot(offsets, [k if k > 0 else math.nan for k in kept], color=colour[row.label], marker="o",
-                    markersize=3, linewidth=1.2, label=row.label)
+                    markersize=3, linewidth=1.2, label=label)
         zeros = [o for o, k in zip(offsets, kept) if k == 0]
         if zeros:
             ax.scatter(zeros, [floor * 1.5] * len(zeros), marker="v", color="#d62728", s=40, zorder=4)
@@ -134,16 +149,29 @@ def plot_layers(rows: Sequence[Row], path: Path, title: str) -> Path:
 
 
 def _layer_rows(rows: Sequence[Row]) -> tuple[float, list[Row]]:
-    """The highest sparsity at which the most method entries finished, and those entries' rows."""
+    """The highest target sparsity at which the most method entries finished, and those entries' rows;
+    plus, for every entry given an option instead (STR), its finished row whose reached sparsity is
+    nearest to that one (on the log scale of the remaining weights)."""
+    drawable = [r for r in rows if r.finished and r.finished[0].layers]
     by_sparsity: dict[float, list[Row]] = {}
-    for row in rows:
-        if row.finished and row.finished[0].layers:
-            by_sparsity.setdefault(row.sparsity, []).append(row)
+    for row in drawable:
+        if not row.swept:
+            by_sparsity.setdefault(row.target, []).append(row)
+    swept = [r for r in drawable if r.swept and r.finished[0].measured_sparsity is not None]
     if not by_sparsity:
-        return (max((r.sparsity for r in rows), default=0.0), [])
+        if not swept:
+            return (max((r.sparsity or 0.0 for r in rows), default=0.0), [])
+        by_sparsity = {max(r.finished[0].measured_sparsity for r in swept): []}
     most = max(len(v) for v in by_sparsity.values())
     sparsity = max(s for s, v in by_sparsity.items() if len(v) == most)
-    return sparsity, by_sparsity[sparsity]
+    chosen = list(by_sparsity[sparsity])
+
+    def distance(row: Row) -> float:
+        return abs(math.log(_remaining(row.finished[0].measured_sparsity)) - math.log(_remaining(sparsity)))
+
+    for label in dict.fromkeys(r.label for r in swept):
+        chosen.append(min((r for r in swept if r.label == label), key=distance))
+    return sparsity, chosen
 
 
 def _remaining(removed: float) -> float:
@@ -167,8 +195,8 @@ def _remaining_axis(ax, xs: Sequence[float], xlabel: str) -> None:
     ax.set_xlabel(xlabel)
 
 
-def _zoom_to_finetuned(ax, rows: Sequence[Row], dense_top1: Optional[float]) -> None:
-    values = [v for r in rows for v in r.values("finetuned_top1")]
+def _zoom_to_finetuned(ax, rows: Sequence[Row], dense_top1: Optional[float], extra: Sequence[float] = ()) -> None:
+    values = [v for r in rows for v in r.values("finetuned_top1")] + list(extra)
     if dense_top1 is not None:
         values.append(dense_top1)
     if values:
@@ -179,8 +207,8 @@ def _zoom_to_finetuned(ax, rows: Sequence[Row], dense_top1: Optional[float]) -> 
 
 
 def _infeasible_note(rows: Sequence[Row]) -> Optional[str]:
-    gone = [f"{r.label} @ {100 * r.sparsity:g}%" for r in rows if not r.finished and r.records
-            and r.records[0].status == "infeasible"]
+    gone = [f"{r.label} @ " + (r.given_text if r.swept else f"{100 * r.target:g}%") for r in rows
+            if not r.finished and r.records and r.records[0].status == "infeasible"]
     return ("infeasible (not drawn):\n" + "\n".join(gone)) if gone else None
 
 
