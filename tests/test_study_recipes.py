@@ -6,7 +6,8 @@ real format (``tests/recipe_data.py``): the dense model named by the config (Res
 standing in for torchvision's weights, which need the internet) or trained by the study (WRN-28-8: the
 dense recipe for 2 steps), then one-shot pruning and fine-tuning of two method entries. What is checked:
 the planned grid, kept weights = N - round(s N) for every finished point, an MLflow parent with a child per
-run, and the three figures.
+run, and the three figures. The dynamic entries (RigL, DPF, STR) are planned and validated with their
+paper numbers; RigL's drop/grow horizon is shortened to fit the 2-step runs (its defaults need ~100+).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ pytestmark = pytest.mark.recipes
 RESNET50 = CONFIGS / "study" / "resnet50_imagenet.yaml"
 WRN = CONFIGS / "study" / "wrn28_8_cifar10.yaml"
 TWO_ENTRIES = "study.methods=[{method: global_mp}, {method: lamp}]"
+# RigL's ΔT of 100 steps and end at 75% cannot fit a 2-step run (check_run refuses it, naming the key).
+SHORT_RIGL = ["prune.rigl.update_every=1", "prune.rigl.end_fraction=1.0"]
 
 
 def _overrides(data: Path, tmp: Path, extra=()) -> list[str]:
@@ -40,13 +43,20 @@ def _overrides(data: Path, tmp: Path, extra=()) -> list[str]:
             *extra]
 
 
-def _check_full_plan(config: Path, overrides: list[str], out: Path, entries: int, sparsities: list[float]):
+def _check_full_plan(config: Path, overrides: list[str], out: Path, entries: int, sparsities: list[float],
+                     swept: int = 0):
+    """``swept``: points of entries given by an option (STR) instead of the sparsities."""
     study, base, _ = load_study(config, overrides)
     plan = plan_study(study, base, out)
     assert (len(study.methods), study.sparsities) == (entries, sparsities)
-    assert len(plan.points) == entries * len(sparsities)
+    assert len(plan.points) == (entries - (1 if swept else 0)) * len(sparsities) + swept
     assert all(p.cfg.prune.schedule == "oneshot" and p.cfg.reference.top1 is None for p in plan.points)
     return plan
+
+
+def _paper(plan, label: str) -> dict[float, float]:
+    (entry,) = [e for e in plan.study.methods if e.name == label]
+    return {s: n.top1 for s, n in entry.paper_numbers()}
 
 
 def _run_slice(config: Path, overrides: list[str], out: Path):
@@ -75,10 +85,25 @@ def _children(tmp: Path, parent: str) -> list:
 def test_resnet50_imagenet_study(tmp_path):
     data = imagenet_data(tmp_path)
     size = ["data.resolution=64", "data.val_resize=72"]
-    plan = _check_full_plan(RESNET50, _overrides(data, tmp_path, size), tmp_path / "plan", 9, [0.8, 0.9, 0.953, 0.9805])
+    plan = _check_full_plan(RESNET50, _overrides(data, tmp_path, [*size, *SHORT_RIGL]), tmp_path / "plan", 13,
+                            [0.8, 0.9, 0.953, 0.9805], swept=4)
     assert plan.dense_cfg is None and plan.dense_source.startswith("torchvision:")
     assert plan.prunable_weights == 25_502_912
     assert not [p.name for p in plan.points if p.infeasible]  # MT 0.005% (1,275 per layer) reaches 98.05%
+    # Table 4's dynamic rows, with the paper's numbers; STR in its own form (s_init -3200, s's decay swept).
+    by_label = {}
+    for p in plan.points:
+        by_label.setdefault(p.label, []).append(p)
+    star, erk = by_label["RigL*"][0].cfg.prune.rigl, by_label["RigL + ERK"][0].cfg.prune.rigl
+    assert (star.allocation, star.dense_first_layer, erk.allocation, erk.dense_first_layer) == (
+        "uniform", True, "erk", False)
+    assert _paper(plan, "RigL + ERK") == {0.8: 75.10, 0.9: 73.00, 0.95: 70.00}
+    assert _paper(plan, "DPF") == {0.8: 75.13, 0.826: 74.55}
+    assert _paper(plan, "Global MP")[0.9805] == 61.80
+    strs = by_label["STR"]
+    assert [(p.sparsity, p.cfg.prune.method, p.cfg.prune.str.s_init) for p in strs] == [(None, "str", -3200.0)] * 4
+    assert [p.cfg.prune.str.s_weight_decay for p in strs] == [2.5e-5, 4.0e-5, 5.6e-5, 8.0e-5]
+    assert _paper(plan, "STR")[0.877] == 74.73
     start = tmp_path / "dense.pt"
     dense_start(plan.base, start)
     overrides = _overrides(data, tmp_path, [*size, f"study.dense.checkpoint={start}", TWO_ENTRIES,
@@ -91,7 +116,9 @@ def test_resnet50_imagenet_study(tmp_path):
 
 def test_wrn28_8_cifar10_study(tmp_path):
     data = cifar_data(tmp_path)
-    plan = _check_full_plan(WRN, _overrides(data, tmp_path), tmp_path / "plan", 9, [0.9, 0.95, 0.975])
+    plan = _check_full_plan(WRN, _overrides(data, tmp_path), tmp_path / "plan", 10, [0.9, 0.95, 0.975])
+    assert _paper(plan, "DPF") == {0.9: 96.08, 0.95: 95.98, 0.975: 95.84}
+    assert _paper(plan, "Global MP") == {0.9: 96.30, 0.95: 96.16, 0.975: 95.68}
     # The dense run is the paper's dense recipe: from scratch, lr 0.1, momentum 0.875, wd 5e-4, no pruning.
     dense = plan.dense_cfg
     assert dense is not None and dense.model.pretrained is None and dense.prune.method == "none"
