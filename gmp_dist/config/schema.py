@@ -104,7 +104,11 @@ def _method_sections() -> dict:
     is one module and one registration, never an edit here."""
     from gmp_dist.pruning.methods import available
 
-    return {info.name: (info.options, Field(default_factory=info.options)) for info in available() if info.options}
+    sections = {info.name: (info.options, Field(default_factory=info.options)) for info in available() if info.options}
+    clash = sorted(set(sections) & set(_PruneSection.model_fields))
+    if clash:  # a method named like a prune key would shadow it
+        raise ValueError(f"pruning method(s) {clash} clash with prune.* keys; register them under another name")
+    return sections
 
 
 PruneCfg = create_model("PruneCfg", __base__=_PruneSection, __module__=__name__, **_method_sections())
