@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from study_files import write_study_file
 
 from gmp_dist.cli import main
 from gmp_dist.pruning.global_mp import kept_budget
 from gmp_dist.reporting.collect import TAG_SWEEP
 
 REPO = Path(__file__).resolve().parent.parent
-DENSE_RECIPE = REPO / "configs" / "quickstart" / "dense.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N_DIGITS = 151_072  # prunable weights of digits_cnn
 MT_02 = 302  # int(151,072 * 0.2 / 100)
@@ -36,19 +35,7 @@ OUTPUTS = {"results.csv", "results.md", "accuracy_vs_sparsity.png", "accuracy_vs
 
 def _study_file(tmp: Path, digits: Path, name: str, sparsities, methods=None, **study) -> Path:
     methods = methods or [{"method": "global_mp"}, {"method": "global_mp", "min_threshold_pct": 0.2, "label": "GMP+MT"}]
-    spec = {"study": {
-        "name": name,
-        "run": {"base": str(DENSE_RECIPE), "experiment": "study-test",
-                "data": {"path": str(digits), "loader": "torchvision"},
-                "prune": {"allow_collapse": True},
-                "train": {"epochs": 1, "max_steps_per_epoch": 4, "lr": 0.02, "log_every_steps": 1000},
-                "scaling": {"use_ray": False, "num_workers": 1},
-                "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"}},
-        "dense": {"set": {"train.max_steps_per_epoch": 10, "train.lr": 0.05}},
-        "methods": methods, "sparsities": sparsities, **study}}
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
+    return write_study_file(tmp, digits, name, methods, sparsities, "study-test", **study)
 
 
 def _study(tmp: Path, config: Path, *args: str, wait=True):

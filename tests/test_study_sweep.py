@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from study_files import write_study_file
 
 from gmp_dist.cli import main
 from gmp_dist.errors import UserError
@@ -25,27 +25,13 @@ from gmp_dist.study.plots import _layer_rows, plot_accuracy, plot_layers
 from gmp_dist.study.records import FINISHED, PointRecord
 from gmp_dist.study.tables import CSV_COLUMNS, markdown, paper_lines, rows_of, write_csv
 
-REPO = Path(__file__).resolve().parent.parent
-DENSE_RECIPE = REPO / "configs" / "quickstart" / "dense.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PRUNABLE = ["features.0.weight", "features.3.weight", "classifier.1.weight", "classifier.3.weight"]
 STR_ENTRY = {"method": "str", "label": "STR", "options": {"s_weight_decay": 0.07}, "sweep": {"s_init": [-3.0, -2.5]}}
 
 
 def _study_file(tmp: Path, digits: Path, name: str, methods, sparsities=(0.9,), tracking=False, **study) -> Path:
-    spec = {"study": {
-        "name": name,
-        "run": {"base": str(DENSE_RECIPE), "experiment": "study-sweep-test",
-                "data": {"path": str(digits), "loader": "torchvision"},
-                "prune": {"allow_collapse": True},
-                "train": {"epochs": 1, "max_steps_per_epoch": 4, "lr": 0.02, "log_every_steps": 1000},
-                "scaling": {"use_ray": False, "num_workers": 1},
-                "tracking": {"enabled": tracking, "uri": f"sqlite:///{tmp / 'mlflow.db'}"}},
-        "dense": {"set": {"train.max_steps_per_epoch": 10, "train.lr": 0.05}},
-        "methods": methods, "sparsities": list(sparsities), **study}}
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
+    return write_study_file(tmp, digits, name, methods, sparsities, "study-sweep-test", tracking, **study)
 
 
 def _plan(tmp: Path, config: Path, overrides=()):

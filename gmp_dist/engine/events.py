@@ -43,7 +43,7 @@ def schedule_from_config(prune_cfg) -> PruningSchedule:
 
 def method_options(prune_cfg) -> Any:
     """The method's own config section (``prune.snip``, ``prune.rigl``, ...): its MethodOptions, or None."""
-    return getattr(prune_cfg, prune_cfg.method, None) if prune_cfg.method.isidentifier() else None
+    return getattr(prune_cfg, prune_cfg.method, None)
 
 
 def check_horizon(prune_cfg, epochs: int, total_steps: Optional[int]) -> None:
@@ -88,6 +88,7 @@ class PruningController:
         self.min_weights = resolve_min_weights(sum(p.numel() for _, p in named), prune_cfg.min_weights,
                                                prune_cfg.min_threshold_pct)
         self.model, self.input_shape, self.data, self.seed = model, input_shape, data, seed
+        self.comm = TorchCollective(ctx)  # one per run: the step hooks build a StepContext every step
         self.total_steps = 0
         self.last_report: Optional[dict] = None
 
@@ -122,14 +123,14 @@ class PruningController:
         request = PruneRequest(
             self.pruner.names, tensors, target, self.min_weights, self.cfg.mt_mode,
             self.seed, self.options, self.model, self.pruner.params,
-            tuple(self.input_shape) if self.input_shape else None, self.data, TorchCollective(self.ctx),
-            self.ctx.rank, self.ctx.world_size)
+            tuple(self.input_shape) if self.input_shape else None, self.data, self.comm, self.ctx.rank,
+            self.ctx.world_size)
         return self._install(self.method.decide(request), optimizer, target)
 
     def _step_context(self, step: int, optimizer) -> StepContext:
         return StepContext(step, self.total_steps, self.pruner.names, self.pruner.params, self.pruner.masks,
-                           optimizer, self.options, self.cfg.sparsity, self.min_weights, TorchCollective(self.ctx),
-                           self.ctx.rank, self.ctx.world_size)
+                           optimizer, self.options, self.cfg.sparsity, self.min_weights, self.comm, self.ctx.rank,
+                           self.ctx.world_size)
 
     def after_backward(self, step: int, optimizer: Optional[torch.optim.Optimizer]) -> None:
         """Between ``loss.backward()`` and ``optimizer.step()``: a dynamic method may return new masks

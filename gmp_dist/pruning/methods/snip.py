@@ -60,7 +60,7 @@ def summed_gradients(model: nn.Module, params: Sequence[nn.Parameter], data: Dat
         with torch.no_grad():
             for name, buf in model.named_buffers():
                 buf.copy_(saved[name])
-    if seen < mine and not seen:
+    if mine and not seen:
         raise UserError("prune.method snip: the training data yielded no batch to score on")
     # One all-reduce per tensor on every rank, whatever its batch count: ranks call collectives equally often.
     return [comm.allreduce_sum(g) for g in grads]
