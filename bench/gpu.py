@@ -1,6 +1,7 @@
 """GPU figures, skipped without CUDA. Part ``throughput``: ResNet-50 training img/s on one GPU, bf16
 autocast, channels_last, batch 256, synthetic ImageNet-shaped input, dense vs 90%-masked
-(``pruner.apply()`` after every step). Part ``decision``: our decision on CUDA tensors at 25.5M
+(``pruner.apply()`` after every step), eager. Part ``endtoend`` (bench/gpu_e2e.py): the same model compiled, on
+synthetic tensors and fed from JPEG files by the real loader. Part ``decision``: our decision on CUDA tensors at 25.5M
 (ResNet-50) and 400M (ViT-H-like) weights, MT 0.05% at 90%, beside concatenate-and-``kthvalue`` on the GPU.
 
 Anchor: NVIDIA's published 2,470 img/s for ResNet-50 with AMP on one A100; our target on one H100 is
@@ -96,7 +97,13 @@ def decision_figures(repeats: int = 5) -> dict:
     return out
 
 
-PARTS = {"decision": decision_figures, "throughput": throughput_figures}
+def endtoend_figures() -> dict:
+    from bench.gpu_e2e import endtoend_figures as figures_of
+
+    return figures_of()
+
+
+PARTS = {"decision": decision_figures, "throughput": throughput_figures, "endtoend": endtoend_figures}
 
 
 def figures() -> dict:

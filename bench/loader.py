@@ -36,20 +36,35 @@ ROUNDS = MIN_REPEATS
 WARM_BATCHES = 1
 
 
-def _write_jpegs(root: Path, seed: int = 0) -> None:
+def write_jpegs(root: Path, train_per_class: int = TRAIN_PER_CLASS, val_per_class: int = 2,
+                num_classes: int = NUM_CLASSES, size: tuple[int, int] = IMAGE_SIZE, workers: int = 1,
+                seed: int = 0) -> None:
+    """A class-per-folder JPEG tree (``train/``, ``val/``) of images around ``size`` (width, height), one
+    class per task on ``workers`` processes."""
+    jobs = [(root / split / f"n{c:08d}", per_class, c, size, seed * 1000 + c + 500 * (split == "val"))
+            for split, per_class in (("train", train_per_class), ("val", val_per_class)) for c in range(num_classes)]
+    if workers <= 1:
+        for job in jobs:
+            _write_class(*job)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        pool.starmap(_write_class, jobs)
+
+
+def _write_class(folder: Path, count: int, c: int, size: tuple[int, int], seed: int) -> None:
     rng = np.random.default_rng(seed)
-    for split, per_class in (("train", TRAIN_PER_CLASS), ("val", 2)):
-        for c in range(NUM_CLASSES):
-            folder = root / split / f"n{c:08d}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                width = IMAGE_SIZE[0] + int(rng.integers(-40, 41))
-                height = IMAGE_SIZE[1] + int(rng.integers(-40, 41))
-                yy, xx = np.mgrid[0:height, 0:width]
-                # Smooth structure plus noise: about the size and decode cost of an ImageNet JPEG.
-                base = np.stack([(xx * (c + 1) + yy * i) % 256, (xx * yy // 97) % 256, (xx + 3 * yy) % 256], axis=-1)
-                noisy = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-                Image.fromarray(noisy).save(folder / f"{i:04d}.JPEG", quality=90)
+    folder.mkdir(parents=True)
+    jitter = max(1, size[0] // 10)
+    for i in range(count):
+        width = size[0] + int(rng.integers(-jitter, jitter + 1))
+        height = size[1] + int(rng.integers(-jitter, jitter + 1))
+        yy, xx = np.mgrid[0:height, 0:width]
+        # Smooth structure plus noise: about the size and decode cost of an ImageNet JPEG.
+        base = np.stack([(xx * (c + 1) + yy * i) % 256, (xx * yy // 97) % 256, (xx + 3 * yy) % 256], axis=-1)
+        noisy = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(folder / f"{i:04d}.JPEG", quality=90)
 
 
 def _epoch_rates(loaders, warm_batches: int) -> tuple[float, float]:
@@ -80,7 +95,7 @@ def figures() -> dict:
     logging.getLogger("gmp_dist.data").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="gmp-bench-loader-") as tmp:
         src, out = Path(tmp) / "src", Path(tmp) / "out"
-        _write_jpegs(src)
+        write_jpegs(src)
         convert_imagenet(src, out, options=ImageNetOptions(num_workers=NUM_WORKERS))
         loaders = {}
         for kind in ("ffcv", "torchvision"):

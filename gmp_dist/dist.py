@@ -99,9 +99,10 @@ def verify_masks_agree(ctx: DistContext, masks: Sequence[torch.Tensor], what: st
                            " inconsistent masks")
 
 
-def sum_across_ranks(ctx: DistContext, values: Sequence[float]) -> list[float]:
-    """Sum float64 statistics (loss sums, correct counts, sample counts) over all ranks."""
-    tensor = torch.tensor(list(values), dtype=torch.float64)
+def sum_across_ranks(ctx: DistContext, values: torch.Tensor | Sequence[float]) -> list[float]:
+    """Sum float64 statistics (loss sums, correct counts, sample counts) over all ranks; one all-reduce and
+    one read back to the host, whatever the number of values."""
+    tensor = values.double() if isinstance(values, torch.Tensor) else torch.tensor(list(values), dtype=torch.float64)
     return TorchCollective(ctx).allreduce_sum(tensor).tolist()
 
 

@@ -108,6 +108,8 @@ def _uneven_eval_rank(rank: int, world_size: int, port: int, out) -> None:
 
 
 def _uneven_eval(ctx: DistContext, out) -> None:
+    from host_syncs import HostReads
+
     from gmp_dist.data.batches import val_indices
     from gmp_dist.engine.evaluate import evaluate
 
@@ -121,24 +123,27 @@ def _uneven_eval(ctx: DistContext, out) -> None:
         x, y = _val_data(num_val)
         idx = val_indices(num_val, rank, world_size).tolist()
         batches = [(x[idx[i:i + 2]], y[idx[i:i + 2]]) for i in range(0, len(idx), 2)]
-        metrics = evaluate(net, batches, ctx, contextlib.nullcontext)
+        with HostReads() as reads:
+            metrics = evaluate(net, batches, ctx, contextlib.nullcontext)
         state = {k: v.numpy().copy() for k, v in net.module.state_dict().items()}
-        out.put((num_val, rank, len(idx), metrics, state))
+        out.put((num_val, rank, len(idx), metrics, state, reads.names))
 
 
-def test_evaluation_counts_every_sample_once_on_an_uneven_split():
+def test_evaluation_counts_every_sample_once_on_an_uneven_split_with_one_host_read():
     from gmp_dist.engine.evaluate import evaluate
 
     results = sorted(_run_two_ranks(_uneven_eval_rank, 2 * len(UNEVEN_SPLITS)), key=lambda r: r[:2])
     for num_val in UNEVEN_SPLITS:
         ranks = [r for r in results if r[0] == num_val]
-        assert [n for _, _, n, _, _ in ranks] == [(num_val + 1) // 2, num_val // 2]
+        assert [n for _, _, n, _, _, _ in ranks] == [(num_val + 1) // 2, num_val // 2]
+        # Sums stay on the device: one read back per evaluation, whatever the number of batches.
+        assert [reads for *_, reads in ranks] == [["tolist"], ["tolist"]]
         # The reference: rank 0's model (its BatchNorm statistics, broadcast to both ranks) on all samples.
         model = _tiny_bn_model()
         model.load_state_dict({k: torch.from_numpy(v) for k, v in ranks[0][4].items()})
         x, y = _val_data(num_val)
         expected = evaluate(model, [(x, y)], DistContext(), contextlib.nullcontext)
-        for _, _, _, metrics, _ in ranks:
+        for _, _, _, metrics, _, _ in ranks:
             assert metrics["val_samples"] == num_val
             assert metrics["val_top1"] == expected["val_top1"] and metrics["val_top5"] == expected["val_top5"]
             assert metrics["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-6)

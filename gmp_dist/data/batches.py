@@ -71,6 +71,9 @@ class DeviceBatches:
     drawn). Targets are then copied (a few bytes); inputs are not -- a training or evaluation step is
     done with its batch before drawing the next, and a 38 MiB float copy per batch would cost a
     CPU-bound loader a tenth of its throughput. Code that keeps inputs across batches clones them.
+
+    ``memory_format``: image batches (4-D) leave in this layout -- channels_last when the model is, so the
+    first convolution does not convert every batch itself (FFCV's images already are; a no-op for them).
     """
 
     def __init__(self, source: Iterable[Batch], num_batches: int, device: torch.device,
@@ -78,6 +81,7 @@ class DeviceBatches:
                  reused_buffers: bool = False) -> None:
         self.source, self.num_batches, self.device = source, num_batches, device
         self.transform, self.reused_buffers = transform, reused_buffers
+        self.memory_format = torch.contiguous_format
 
     def __len__(self) -> int:
         return self.num_batches
@@ -88,6 +92,8 @@ class DeviceBatches:
             targets = targets.to(self.device, dtype=torch.long, non_blocking=True, copy=self.reused_buffers).view(-1)
             if self.transform is not None:
                 inputs = self.transform(inputs)
+            if inputs.dim() == 4 and self.memory_format is not torch.contiguous_format:
+                inputs = inputs.contiguous(memory_format=self.memory_format)
             yield inputs, targets
 
 
@@ -150,6 +156,10 @@ class Loaders:
     num_classes: int
     input_shape: tuple[int, ...]  # one sample, no batch dimension
     epoch_hooks: list[Callable[[int], None]] = field(default_factory=list, repr=False)
+
+    def set_memory_format(self, memory_format: torch.memory_format) -> None:
+        """Deliver image batches in ``memory_format`` (``torch.channels_last`` for a channels_last model)."""
+        self.train.memory_format = self.val.memory_format = memory_format
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle the train order (and reseed device augmentation) from (train.seed, epoch)."""
