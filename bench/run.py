@@ -23,6 +23,7 @@ MODULES = [
     "bench.scaling",
     "bench.methods",
     "bench.training",
+    "bench.checkpoint",
     "bench.loader",
     "bench.export",
     "bench.gpu",

@@ -7,6 +7,9 @@
 - ``ray_vs_torch_epoch_ratio``: steady-state epoch time of 2 Ray Train workers / the same loop under plain
   ``torch.distributed`` (2 spawned gloo processes); start-up is reported separately.
 
+(``checkpoint_stall_ratio``, an epoch that checkpoints with the engine's background writer / one without,
+is measured with this module's step in ``bench.checkpoint``.)
+
 Each is the median of ``MIN_REPEATS`` interleaved repeats, with their spread (``bench.figures``).
 """
 

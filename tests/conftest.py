@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,6 +20,16 @@ def digits_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("data") / "digits"
     convert_digits(folder, overwrite=True)
     return folder
+
+
+@contextlib.contextmanager
+def sqlite_store(folder: Path):
+    """A fresh sqlite MLflow store in ``folder`` for a module's tests: (folder, uri). The cwd is ``folder``
+    meanwhile (MLflow puts a sqlite store's artifacts under ./mlruns) and $MLFLOW_TRACKING_URI unset."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield folder, f"sqlite:///{folder}/mlflow.db"
 
 
 def stop_process_group(proc: subprocess.Popen) -> None:

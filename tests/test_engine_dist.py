@@ -147,3 +147,65 @@ def test_evaluation_counts_every_sample_once_on_an_uneven_split_with_one_host_re
             assert metrics["val_samples"] == num_val
             assert metrics["val_top1"] == expected["val_top1"] and metrics["val_top5"] == expected["val_top5"]
             assert metrics["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-6)
+
+
+LOSS_STEPS, LOG_EVERY = 6, 2
+
+
+def _epoch_rank(rank: int, world_size: int, port: int, out) -> None:
+    with local_group(rank, world_size, port):
+        _epoch(DistContext(rank, world_size), out)
+
+
+def _epoch(ctx: DistContext, out) -> None:
+    """One epoch of ``train_one_epoch`` on this rank's own batches: the train_loss it reports, the per-rank
+    step losses it saw, and its reads of tensor values into Python."""
+    from host_syncs import HostReads
+
+    from gmp_dist.config import RunConfig
+    from gmp_dist.engine.events import PruningController
+    from gmp_dist.engine.loop import RunState, train_one_epoch
+    from gmp_dist.engine.optim import build_optimizer, build_scheduler
+
+    cfg = RunConfig.model_validate({"model": {"name": "digits_cnn"}, "prune": {"method": "none"},
+                                    "train": {"log_every_steps": LOG_EVERY, "lr": 0.01}})
+    model = _tiny_bn_model()
+    controller = PruningController(cfg.prune, model, "tiny", ctx)
+    net = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, LOSS_STEPS)
+    g = torch.Generator().manual_seed(100 + ctx.rank)  # different data on each rank: different losses
+    batches = [(torch.randn(4, 4, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(LOSS_STEPS)]
+    losses: list[float] = []
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def recording_loss(logits, targets):
+        loss = loss_fn(logits, targets)
+        losses.append(loss.detach().clone())
+        return loss
+
+    logged: list[tuple[int, dict]] = []
+
+    class Recorder:
+        def log_metrics(self, metrics, step):
+            logged.append((step, dict(metrics)))
+
+    with HostReads() as reads:
+        stats = train_one_epoch(net, batches, optimizer, scheduler, recording_loss, controller, RunState(), cfg, ctx,
+                                contextlib.nullcontext, None, Recorder())
+    out.put((ctx.rank, stats["train_loss"], [float(x) for x in losses], logged, reads.names))
+
+
+def test_train_loss_is_the_mean_over_all_ranks_with_bounded_host_reads():
+    results = sorted(_run_two_ranks(_epoch_rank, 2), key=lambda r: r[0])
+    per_rank = [r[2] for r in results]
+    expected = sum(map(sum, per_rank)) / (2 * LOSS_STEPS)  # equal batch sizes: the mean of every step loss
+    for rank, train_loss, _, logged, reads in results:
+        assert train_loss == pytest.approx(expected, rel=1e-9)
+        # At each log point the running mean over both ranks; the LR of that step
+        for step, metrics in logged:
+            running = sum(sum(losses[:step + 1]) for losses in per_rank) / (2 * (step + 1))
+            assert metrics["train_loss_step"] == pytest.approx(running, rel=1e-9)
+        assert [step for step, _ in logged] == [1, 3, 5]
+        # One read per log point and one at the end: never one per step.
+        assert reads == ["tolist"] * (LOSS_STEPS // LOG_EVERY + 1), reads

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import socket
 import subprocess
 import time
@@ -27,7 +28,7 @@ from gmp_dist.tracking import (
 )
 from gmp_dist.tracking.runs import MAX_PARAM_VALUE_CHARS, log_params, param_value
 
-from conftest import stop_process_group
+from conftest import sqlite_store, stop_process_group
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,11 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """One sqlite store per module (creating its tables takes seconds); cwd there so artifacts land there."""
-    folder = tmp_path_factory.mktemp("mlflow")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        yield f"sqlite:///{folder}/mlflow.db"
+    with sqlite_store(tmp_path_factory.mktemp("mlflow")) as (_, uri):
+        yield uri
 
 
 def _client(uri):
@@ -200,6 +198,40 @@ def test_layer_artifacts_are_logged_to_the_run(store):
     log_layer_artifacts(make_tracker(store, run_id, rank=0), _report())
     names = {f.path for f in _client(store).list_artifacts(run_id)}
     assert {"layers.csv", "layers.png", "config.yaml"} <= names
+
+
+def test_layer_artifacts_upload_in_the_background_and_close_waits(store, monkeypatch, caplog):
+    """The loop's call returns while the figure is still being drawn; close() waits for it; a failed
+    upload is a warning, not a failed run."""
+    import threading
+
+    from gmp_dist.engine import uploads as uploads_module
+    from gmp_dist.engine.uploads import BackgroundUploads
+
+    run_id = start_run(_cfg(store, name="layers-background"))
+    release, calls = threading.Event(), []
+    real = uploads_module.log_layer_artifacts
+
+    def slow_then_real(tracker, report):
+        assert release.wait(30)
+        calls.append(report["layers"][0]["name"])
+        if len(calls) == 2:
+            raise OSError("artifact store unreachable")
+        real(tracker, report)
+
+    monkeypatch.setattr(uploads_module, "log_layer_artifacts", slow_then_real)
+    report = _report()
+    with caplog.at_level(logging.WARNING, logger="gmp_dist.engine.uploads"):
+        with BackgroundUploads(make_tracker(store, run_id, rank=0)) as uploads:
+            uploads.layer_artifacts(report)
+            report["layers"][0]["name"] = "changed after the hand-over"  # the job holds its own copy
+            uploads.layer_artifacts(report)
+            assert calls == []  # both returned before the first job ran
+            release.set()
+        assert calls == ["conv1.weight", "changed after the hand-over"]  # in order, both done at close
+    names = {f.path for f in _client(store).list_artifacts(run_id)}
+    assert {"layers.csv", "layers.png"} <= names
+    assert "artifact store unreachable" in caplog.text and "training goes on" in caplog.text
 
 
 def _free_port() -> int:

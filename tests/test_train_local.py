@@ -115,13 +115,24 @@ def test_resume_passes_over_a_checkpoint_cut_short(tmp_path, dense_checkpoint, c
 
 
 def test_deterministic_mode_is_set_for_the_run_and_restored():
-    from gmp_dist.engine.loop import determinism
+    from gmp_dist.engine.loop import kernel_choice
 
-    before = torch.are_deterministic_algorithms_enabled()
-    with determinism(True):
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    with kernel_choice(True, torch.device("cuda", 0)):
         assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
         assert not torch.backends.cudnn.benchmark
-    assert torch.are_deterministic_algorithms_enabled() == before
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
+
+
+def test_cudnn_benchmark_is_on_for_cuda_training_only_and_restored():
+    from gmp_dist.engine.loop import kernel_choice
+
+    before = torch.backends.cudnn.benchmark
+    with kernel_choice(False, torch.device("cuda", 0)):  # only flags are set: no CUDA device needed
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+    with kernel_choice(False, torch.device("cpu")):
+        assert torch.backends.cudnn.benchmark == before
+    assert torch.backends.cudnn.benchmark == before
 
 
 def test_refuses_to_train_over_an_earlier_run(tmp_path, dense_checkpoint):
@@ -163,3 +174,30 @@ def test_local_runner_honours_use_gpu(tmp_path, dense_checkpoint):
     ckpt = _final_checkpoint(tmp_path, "cuda1")
     for name, mask in ckpt["pruner"]["masks"].items():
         assert torch.all(ckpt["model"][name][~mask] == 0)
+
+
+def test_channels_last_model_gets_channels_last_batches(tmp_path, dense_checkpoint, monkeypatch):
+    """The model goes channels_last (here forced on the CPU) and so do its input batches, in training and in
+    evaluation: otherwise the first convolution converts every batch itself."""
+    from gmp_dist.engine import loop
+
+    layouts: list[tuple[bool, bool]] = []
+    build = loop.build_configured_model
+
+    def recording_model(cfg):
+        model = build(cfg)
+        model.register_forward_pre_hook(lambda module, args: layouts.append(  # batch 1: the MACs probe, not data
+            (module.training, args[0].is_contiguous(memory_format=torch.channels_last))) if len(args[0]) > 1 else None)
+        return model
+
+    monkeypatch.setattr(loop, "build_configured_model", recording_model)
+    # 3-channel images: a 1-channel batch (digits) is channels_last and contiguous at once, proving nothing.
+    cfg = load_config(QUICKSTART / "gmp90.yaml", _overrides(
+        tmp_path, "layout", "model.name=resnet32", "model.num_classes=1000", "model.pretrained=null", "data.name=synthetic",
+        "data.resolution=32", "data.synthetic_samples=16", "data.batch_size_per_worker=4",
+        'train.channels_last="on"', "train.epochs=1", "train.max_steps_per_epoch=2", "tracking.enabled=false",
+        "prune.min_threshold_pct=null"))
+    preflight(cfg)
+    run_training(cfg)
+    assert {training for training, _ in layouts} == {True, False}  # both kinds of batches were seen
+    assert all(channels_last for _, channels_last in layouts), layouts

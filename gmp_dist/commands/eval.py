@@ -71,7 +71,7 @@ def evaluate_model(cfg, model: torch.nn.Module, device: torch.device) -> dict:
 
 def measured_sparsity(cfg, model: torch.nn.Module) -> dict:
     """Zeros among the prunable weights (config's prune.exclude applied) and the FLOPs they remove."""
-    from gmp_dist.models.configured import configured_input_shape
+    from gmp_dist.models.configured import trained_input_shape
     from gmp_dist.models.flops import dense_macs, flops_pruned
     from gmp_dist.pruning.selection import prunable_parameters
 
@@ -79,7 +79,7 @@ def measured_sparsity(cfg, model: torch.nn.Module) -> dict:
     zeros = {name: int((p.detach() == 0).sum()) for name, p in params}
     total = sum(p.numel() for _, p in params)
     density = {name: 1.0 - zeros[name] / p.numel() for name, p in params if p.numel()}
-    macs = dense_macs(model, configured_input_shape(cfg), cfg.prune.exclude)
+    macs = dense_macs(model, trained_input_shape(cfg), cfg.prune.exclude)  # as the run measured them
     return {"sparsity": sum(zeros.values()) / total if total else 0.0, "zero_weights": sum(zeros.values()),
             "prunable_weights": total, "flops_pruned": flops_pruned(macs, density)}
 

@@ -18,7 +18,7 @@ import torch
 
 from gmp_dist.config import RunConfig, load_config
 from gmp_dist.errors import UserError
-from gmp_dist.models.configured import build_configured_model, configured_input_shape
+from gmp_dist.models.configured import build_configured_model, configured_input_shape, trained_input_shape
 from gmp_dist.pruning.masks import resolve_min_weights
 from gmp_dist.pruning.selection import prunable_parameters
 from gmp_dist.signals import stop_on_signals
@@ -203,7 +203,8 @@ def _log_mlflow_model(cfg: RunConfig, uri: Optional[str], run_id: Optional[str],
 
     model = build_configured_model(cfg)
     load_state_dict_checked(model, load_checkpoint(final), source=str(final), model_name=cfg.model.name)
-    return log_final_model(uri, run_id, model, configured_input_shape(cfg), cfg.tracking.registered_model_name)
+    # Exported at the size it was trained at (data.resolution), not the model's default 224x224.
+    return log_final_model(uri, run_id, model, trained_input_shape(cfg), cfg.tracking.registered_model_name)
 
 
 def _user_error_in(exc: BaseException) -> Optional[BaseException]:

@@ -29,7 +29,8 @@ class ModelCfg(Section):
     pretrained: Optional[str] = None
     num_classes: Optional[int] = Field(default=None, ge=1)
     # One input sample without the batch dimension, e.g. [3, 224, 224]; required for <module>:<callable>,
-    # defaults to the model's own (3x224x224 for torchvision/...). FLOPs and the MLflow signature use it.
+    # defaults to the model's own (3x224x224 for torchvision/...). FLOPs and the MLflow Model use the shape
+    # the data feeds (data.resolution for images: models.configured.trained_input_shape).
     input_shape: Optional[list[int]] = Field(default=None, min_length=1)
     # Extra keyword arguments for the model constructor (e.g. {"dropout": 0.3}).
     kwargs: dict[str, object] = Field(default_factory=dict)
@@ -123,6 +124,9 @@ class TrainCfg(Section):
     nesterov: bool = False
     weight_decay: Float = Field(default=0.0, ge=0.0)
     no_decay_on_bn_and_bias: bool = False
+    # The LR is set at every optimizer step from the global step alone (engine/optim.py): a linear warm-up
+    # over warmup_epochs x steps-per-epoch steps, then the schedule over the remaining steps; step decay
+    # multiplies by gamma every step_size epochs' worth of steps.
     lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
     warmup_epochs: int = Field(default=0, ge=0)
     step_size: int = Field(default=30, ge=1)

@@ -2,8 +2,8 @@
 in one process; what differs is only the :class:`WorkerEnv` it is handed.
 
 Per epoch: pruning event (if the schedule says so) → train steps (``loss.backward();
-controller.after_backward(); optimizer.step(); controller.after_step()``) → LR step → exact evaluation →
-metrics → checkpoint + report.
+controller.after_backward(); optimizer.step(); controller.after_step(); scheduler.step()``, the LR stepped
+per optimizer step) → exact evaluation → metrics → checkpoint + report.
 """
 
 from __future__ import annotations
@@ -22,16 +22,17 @@ import torch.nn as nn
 
 from gmp_dist.config import RunConfig
 from gmp_dist.data import build_loaders
-from gmp_dist.dist import DistContext, TorchCollective
+from gmp_dist.dist import DistContext, TorchCollective, sum_across_ranks
 from gmp_dist.engine.evaluate import evaluate
 from gmp_dist.engine.events import PruningController
 from gmp_dist.engine.optim import build_optimizer, build_scheduler
-from gmp_dist.engine.state import restore_training_state, write_training_checkpoint
-from gmp_dist.models.configured import build_configured_model, configured_input_shape
+from gmp_dist.engine.state import TrainingCheckpoints, restore_training_state
+from gmp_dist.engine.uploads import BackgroundUploads
+from gmp_dist.models.configured import build_configured_model, configured_input_shape, trained_input_shape
 from gmp_dist.models.flops import dense_macs
 from gmp_dist.models.pretrained import load_pretrained
 from gmp_dist.pruning.methods import DataSource
-from gmp_dist.tracking import NullTracker, Tracker, log_layer_artifacts
+from gmp_dist.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -105,25 +106,30 @@ def terminal_progress() -> Optional[Callable[..., Any]]:
 
 
 def train(cfg: RunConfig, env: WorkerEnv) -> dict:
-    with determinism(cfg.train.deterministic):
-        return _train(cfg, env)
+    # Rank 0's checkpoint writes and figure uploads run beside training; leaving the block waits for both.
+    with kernel_choice(cfg.train.deterministic, env.ctx.device), BackgroundUploads(env.tracker) as uploads, \
+            TrainingCheckpoints(env) as checkpoints:
+        return _train(cfg, env, checkpoints, uploads)
 
 
 @contextlib.contextmanager
-def determinism(enabled: bool):
-    """``train.deterministic``: PyTorch's deterministic kernels and fixed cuDNN algorithms for the block.
+def kernel_choice(deterministic: bool, device: torch.device):
+    """How kernels are chosen for the block; the previous settings return afterwards, so an in-process run
+    leaves the interpreter as it found it.
 
-    Ops without a deterministic kernel (some CUDA backward passes) warn instead of failing the run; the
-    previous settings return afterwards, so an in-process run leaves the interpreter as it found it.
+    ``train.deterministic``: PyTorch's deterministic kernels and fixed cuDNN algorithms; ops without a
+    deterministic kernel (some CUDA backward passes) warn instead of failing the run. Otherwise on CUDA,
+    ``cudnn.benchmark``: every batch of a run has one shape (one resolution; the last validation batch adds
+    a second), so timing the convolution algorithms once per shape pays for itself within a few steps.
     """
-    if not enabled:
-        yield
-        return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read by cuBLAS at its first use
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read by cuBLAS at its first use
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     try:
         yield
     finally:
@@ -131,7 +137,7 @@ def determinism(enabled: bool):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
-def _train(cfg: RunConfig, env: WorkerEnv) -> dict:
+def _train(cfg: RunConfig, env: WorkerEnv, checkpoints: TrainingCheckpoints, uploads: BackgroundUploads) -> dict:
     ctx = env.ctx
     if ctx.world_size > 1:  # one line that says which process is which (to debug, profile or kill one)
         pids = TorchCollective(ctx).allgather(os.getpid())
@@ -141,12 +147,14 @@ def _train(cfg: RunConfig, env: WorkerEnv) -> dict:
     model = build_configured_model(cfg)
     if cfg.model.pretrained:
         load_pretrained(model, cfg.model.pretrained, cfg.model.name, cfg.tracking.uri)
-    input_shape = configured_input_shape(cfg)
+    input_shape = trained_input_shape(cfg)  # what the data feeds it: MACs at data.resolution
     macs = dense_macs(model, input_shape, cfg.prune.exclude)
     model.to(ctx.device)
     if _channels_last(cfg, ctx):
         model.to(memory_format=torch.channels_last)
     loaders = build_loaders(cfg, ctx.rank, ctx.world_size, ctx.device)
+    if _channels_last(cfg, ctx):
+        loaders.set_memory_format(torch.channels_last)  # inputs in the model's layout
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     # Data-driven methods (SNIP) score on this rank's training batches, through the unwrapped model.
     controller = PruningController(cfg.prune, model, cfg.model.name, ctx, macs, input_shape,
@@ -157,11 +165,14 @@ def _train(cfg: RunConfig, env: WorkerEnv) -> dict:
     if cfg.train.compile:
         net = torch.compile(net)
     optimizer = build_optimizer(model, cfg.train, controller.optimizer_groups())
-    scheduler = build_scheduler(optimizer, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch(cfg, loaders.train))
     autocast = _autocast_factory(cfg, ctx)
     state = RunState()
     if env.resume_from is not None:
         restore_training_state(env.resume_from, model, optimizer, scheduler, controller, state, ctx)
+        # The LR depends on the global step alone: placed from it, not from the saved scheduler state (which
+        # may be a per-epoch one of an older version, or of another steps_per_epoch).
+        scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch(cfg, loaders.train), state.global_step)
         if env.after_restore is not None:
             env.after_restore()
         if ctx.is_main and getattr(env.tracker, "logged_values", 0):
@@ -173,45 +184,43 @@ def _train(cfg: RunConfig, env: WorkerEnv) -> dict:
         after = evaluate(net, loaders.val, ctx, autocast)
         env.tracker.log_metrics({"pruned_val_top1": after["val_top1"], "pruned_val_loss": after["val_loss"],
                                  "sparsity": report["sparsity"], "flops_pruned": report["flops_pruned"]}, step=0)
-        if ctx.is_main:
-            log_layer_artifacts(env.tracker, report)
+        uploads.layer_artifacts(report)  # layers.csv/png, drawn and uploaded in the background on rank 0
         state.metrics["pruned_val_top1"] = after["val_top1"]
 
     for epoch in range(state.epoch, cfg.train.epochs):
         loaders.set_epoch(epoch)
         if epoch > 0 and controller.is_event(epoch, "epoch"):
             report = controller.prune(epoch, optimizer)
-            if ctx.is_main:
-                log_layer_artifacts(env.tracker, report)
-        lr = optimizer.param_groups[0]["lr"]
+            uploads.layer_artifacts(report)
         steps = steps_per_epoch(cfg, loaders.train)
         bar = env.progress(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}") \
             if env.progress and ctx.is_main else None
         try:
-            train_stats = train_one_epoch(net, loaders.train, optimizer, loss_fn, controller, state, cfg, ctx, autocast,
-                                          bar)
+            train_stats = train_one_epoch(net, loaders.train, optimizer, scheduler, loss_fn, controller, state, cfg,
+                                          ctx, autocast, bar, env.tracker)
         finally:
             if bar is not None:
                 bar.close()
-        scheduler.step()
         val = evaluate(net, loaders.val, ctx, autocast)
         state.epoch = epoch + 1
         state.best_val_top1 = max(state.best_val_top1, val["val_top1"])
-        metrics = {**train_stats, **val, "lr": lr, "sparsity": controller.measured_sparsity(),
+        metrics = {**train_stats, **val, "sparsity": controller.measured_sparsity(),  # lr: of the last step
                    "flops_pruned": (controller.epoch_report() or {}).get("flops_pruned", 0.0)}
         env.tracker.log_metrics(metrics, step=epoch)
         state.metrics.update(metrics)
+        checkpoints.report_due()  # the previous epoch's checkpoint, written while this epoch trained
         if ctx.is_main:
             log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  val_top1 %.2f  val_top5 %.2f  sparsity %.4f"
                      "  %.0f img/s", epoch + 1, cfg.train.epochs, metrics["train_loss"], val["val_loss"],
                      val["val_top1"], val["val_top5"], metrics["sparsity"], metrics["images_per_sec"])
         last = state.epoch == cfg.train.epochs
         if state.epoch % cfg.checkpoint.every_epochs == 0 or last:
-            checkpoint = write_training_checkpoint(env, cfg, model, optimizer, scheduler, controller, state)
             extra = {"best_val_top1": state.best_val_top1, **({"final_val_top1": val["val_top1"]} if last else {})}
             if "pruned_val_top1" in state.metrics:
                 extra["pruned_val_top1"] = state.metrics["pruned_val_top1"]
-            env.reporter.report({**metrics, **extra, "epoch": state.epoch}, checkpoint)
+            # Written in the background; reported once complete: at the next save, or as the run ends.
+            checkpoints.save(cfg, model, optimizer, scheduler, controller, state,
+                             {**metrics, **extra, "epoch": state.epoch})
         if cfg.train.stop_after_epochs is not None and state.epoch >= cfg.train.stop_after_epochs:
             log.info("stopping after epoch %d (train.stop_after_epochs)", state.epoch)
             return {"stopped_early": True, **state.metrics}
@@ -221,12 +230,17 @@ def _train(cfg: RunConfig, env: WorkerEnv) -> dict:
     return {**state.metrics, **final, "epochs": state.epoch}
 
 
-def train_one_epoch(net, batches, optimizer, loss_fn, controller: PruningController, state: RunState,
-                    cfg: RunConfig, ctx: DistContext, autocast, bar=None) -> dict:
+def train_one_epoch(net, batches, optimizer, scheduler, loss_fn, controller: PruningController, state: RunState,
+                    cfg: RunConfig, ctx: DistContext, autocast, bar=None, tracker: Optional[Tracker] = None) -> dict:
+    """One epoch's steps; the LR steps after every optimizer step. Every ``train.log_every_steps`` steps the
+    tracker gets ``lr_step`` and ``train_loss_step`` (the epoch's running mean over all ranks) at step = the
+    0-based global step (not the epoch-keyed ``lr`` and ``train_loss``)."""
     net.train()
     # The loss is summed on the device and read back only at log points and at the end: a float() per
-    # step would wait for the device every step.
+    # step would wait for the device every step. Each read is a mean over every rank's samples (one
+    # all-reduce), so train_loss describes the whole batch, not rank 0's share of it.
     loss_sum, samples, steps = None, 0, 0
+    lr = optimizer.param_groups[0]["lr"]  # a Python float: reading it never waits for the device
     max_steps = cfg.train.max_steps_per_epoch
     start = time.perf_counter()
     for inputs, targets in batches:
@@ -237,22 +251,38 @@ def train_one_epoch(net, batches, optimizer, loss_fn, controller: PruningControl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         controller.after_backward(state.global_step, optimizer)  # dynamic masks; pruned gradients zeroed
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         controller.after_step(state.global_step, optimizer)  # pruned weights back to exact zeros
-        weighted = loss.detach().float() * targets.numel()
+        scheduler.step()  # the LR of the next global step
+        weighted = loss.detach().double() * targets.numel()  # float64: a long epoch sums exactly enough
         loss_sum = weighted if loss_sum is None else loss_sum.add_(weighted)
         samples += targets.numel()
         steps += 1
         state.global_step += 1
         if bar is not None:
             bar.update(1)
-        elif ctx.is_main and steps % cfg.train.log_every_steps == 0:
-            log.info("  step %d/%d  loss %.4f", steps, max_steps or len(batches), float(loss_sum) / samples)
+        if steps % cfg.train.log_every_steps == 0:  # the same steps on every rank: all join the reduction
+            running_loss = mean_across_ranks(ctx, loss_sum, samples)
+            if tracker is not None:
+                tracker.log_metrics({"lr_step": lr, "train_loss_step": running_loss}, step=state.global_step - 1)
+            if bar is None and ctx.is_main:
+                log.info("  step %d/%d  loss %.4f  lr %.4g", steps, max_steps or len(batches), running_loss, lr)
         if max_steps is not None and steps >= max_steps:
             break
-    mean_loss = float(loss_sum) / samples if samples else 0.0  # waits for the device: before the clock stops
+    mean_loss = mean_across_ranks(ctx, loss_sum, samples)  # waits for the device: before the clock stops
     seconds = max(time.perf_counter() - start, 1e-9)
-    return {"train_loss": mean_loss, "images_per_sec": samples * ctx.world_size / seconds, "train_steps": steps}
+    return {"train_loss": mean_loss, "images_per_sec": samples * ctx.world_size / seconds, "train_steps": steps,
+            "lr": lr}  # the LR of the epoch's last step
+
+
+def mean_across_ranks(ctx: DistContext, loss_sum: Optional[torch.Tensor], samples: int) -> float:
+    """The mean of a loss summed over ``samples`` on each rank, over all ranks: one all-reduce, one host read."""
+    local = torch.zeros(2, dtype=torch.float64, device=ctx.device) if loss_sum is None else \
+        torch.cat([loss_sum.double().reshape(1), torch.tensor([float(samples)], dtype=torch.float64,
+                                                               device=loss_sum.device)])
+    total, count = sum_across_ranks(ctx, local)
+    return total / count if count else 0.0
 
 
 def steps_per_epoch(cfg: RunConfig, train_batches) -> int:

@@ -1,7 +1,14 @@
 """Optimizer and learning-rate schedule from the ``train`` config section (paper.md §3).
 
-The LR is stepped once per epoch, like the paper's code: linear warm-up lr0·(e+1)/W for the first W
-epochs, then cosine 0.5·(1 + cos(π·e'/E')) over the rest, or step decay γ^(e // step_size).
+The LR is a pure function of the global optimizer step k (0-based: optimizer step k runs at lr0·f(k)), so
+it has no stairs at epoch ends and a resume at any step continues the same sequence. With S steps per
+epoch, W = warmup_epochs·S warm-up steps and T = epochs·S steps in all:
+- warm-up, k < W: f = (k+1)/W (step 0 is not lr 0; torch's ``LinearLR(start_factor=1/W, end_factor=1,
+  total_iters=W-1)``, Goyal et al.);
+- then ``cosine``: f = 0.5·(1 + cos(π·min(k-W, T')/T')) with T' = max(1, T-W) (``CosineAnnealingLR(T_max=T')``);
+  ``step``: f = γ^((k-W) // (step_size·S)) (``StepLR`` with step_size in epochs); ``constant``: f = 1.
+It is one ``LambdaLR`` over the step rather than torch's ``SequentialLR`` of those: the closed form is
+exact and reproducible (torch's cosine recursion drifts from it), and its state is just the step count.
 """
 
 from __future__ import annotations
@@ -36,18 +43,32 @@ def build_optimizer(model: nn.Module, train_cfg, extra_groups: Sequence[dict] = 
                            nesterov=train_cfg.nesterov and train_cfg.momentum > 0)
 
 
-def lr_factor(epoch: int, train_cfg) -> float:
-    """Multiplier of the base LR during ``epoch`` (0-based)."""
-    warmup, total = train_cfg.warmup_epochs, max(1, train_cfg.epochs)
-    if epoch < warmup:
-        return (epoch + 1) / warmup
+def lr_factor(step: int, steps_per_epoch: int, train_cfg) -> float:
+    """Multiplier of the base LR at optimizer step ``step`` (0-based global step), see the module docstring."""
+    per_epoch = max(1, steps_per_epoch)
+    warmup = train_cfg.warmup_epochs * per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
     if train_cfg.lr_schedule == "cosine":
-        span = max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / span))
+        span = max(1, train_cfg.epochs * per_epoch - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))  # no rise past the run's end
     if train_cfg.lr_schedule == "step":
-        return train_cfg.gamma ** ((epoch - warmup) // train_cfg.step_size)
+        return train_cfg.gamma ** ((step - warmup) // (train_cfg.step_size * per_epoch))
     return 1.0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(epoch, train_cfg))
+def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg, steps_per_epoch: int,
+                    global_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A scheduler stepped once per optimizer step, placed at ``global_step`` (steps already taken).
+
+    On resume, build it with the restored ``global_step`` after the optimizer's state is loaded (the group's
+    ``initial_lr`` is the base LR) instead of trusting a saved scheduler state: the position then comes from
+    the step count alone, also for a checkpoint of a per-epoch scheduler or of another steps_per_epoch.
+    """
+    def factor(step: int) -> float:  # a plain function: LambdaLR's state_dict then holds no config object
+        return lr_factor(step, steps_per_epoch, train_cfg)
+
+    if global_step > 0:
+        for group in optimizer.param_groups:  # fresh optimizer (no scheduler yet): its lr is the base LR
+            group.setdefault("initial_lr", group["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=global_step - 1)

@@ -16,20 +16,63 @@ from gmp_dist.checkpoint import (
 )
 from gmp_dist.config import dump_config
 from gmp_dist.dist import DistContext, TorchCollective
+from gmp_dist.engine.checkpoint_writer import CheckpointWriter
 from gmp_dist.errors import UserError
 from gmp_dist.storage import CHECKPOINT_NAME, checkpoint_file
 
-__all__ = ["CHECKPOINT_NAME", "restore_training_state", "write_training_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "TrainingCheckpoints", "restore_training_state", "write_training_checkpoint"]
 log = logging.getLogger(__name__)
 
 
-def write_training_checkpoint(env, cfg, model, optimizer, scheduler, controller, state) -> Optional[Path]:
-    """Rank 0 writes the checkpoint file atomically; every rank contributes its RNG state."""
+class TrainingCheckpoints:
+    """The loop's checkpoints and their reports: rank 0 writes in the background, each report goes out
+    once its file is complete, at the next epoch's end (``report_due``), the next save or the end of the
+    run. Design and who waits when: :mod:`gmp_dist.engine.checkpoint_writer`."""
+
+    def __init__(self, env):
+        self.env = env
+        self.writer = CheckpointWriter() if env.ctx.is_main else None
+        self._due: Optional[tuple[dict, Optional[Path]]] = None  # the last save's report
+
+    def save(self, cfg, model, optimizer, scheduler, controller, state, metrics: dict) -> None:
+        """Every rank: report the previous save if still due, then start this one's write (rank 0); returns
+        before it is written. The report of ``metrics`` with this checkpoint comes at ``report_due``."""
+        self.report_due()
+        path = write_training_checkpoint(self.env, cfg, model, optimizer, scheduler, controller, state, self.writer)
+        self._due = (metrics, path)
+
+    def report_due(self) -> None:
+        """Wait for the write in flight (raising its error), then report it, if a report is due. Every rank
+        calls it at the same points, so every rank reports equally often."""
+        if self.writer is not None:
+            self.writer.wait()
+        if self._due is not None:
+            (metrics, path), self._due = self._due, None
+            self.env.reporter.report(metrics, path)
+
+    def __enter__(self) -> "TrainingCheckpoints":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """The end of the run, or a stop: the last report goes out after its write. After an error in
+        training nothing is reported (the other ranks may be gone); the write in flight still ends."""
+        try:
+            if exc_type is None:
+                self.report_due()
+        finally:
+            if self.writer is not None:
+                self.writer.close(failed=exc_type is not None)
+
+
+def write_training_checkpoint(env, cfg, model, optimizer, scheduler, controller, state,
+                              writer: Optional[CheckpointWriter] = None) -> Optional[Path]:
+    """Rank 0 writes the checkpoint file atomically, with ``writer`` in the background (the file is
+    complete after ``writer.wait()``), else before returning; every rank contributes its RNG state."""
     rng_per_rank = TorchCollective(env.ctx).allgather(capture_rng_state())
     if not env.ctx.is_main:
         return None
     path = checkpoint_file(env.scratch_dir, state.epoch)
-    save_checkpoint({
+    (writer.save if writer is not None else save_checkpoint)({
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),

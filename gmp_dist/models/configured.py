@@ -31,7 +31,22 @@ def build_configured_model(cfg: Any) -> nn.Module:
 
 
 def configured_input_shape(cfg: Any) -> tuple[int, ...]:
+    """What the model declares: ``model.input_shape``, else the model's own (3x224x224 for torchvision/...)."""
     return input_shape_of(cfg.model.name, cfg.model.input_shape)
+
+
+def trained_input_shape(cfg: Any) -> tuple[int, ...]:
+    """One sample as the run's data feeds it to the model (no batch dimension): 3 x ``data.resolution`` x
+    ``data.resolution`` for the data sets the loaders crop to it (imagenet, imagefolder, synthetic), the
+    stored arrays' shape for the others (cifar10 3x32x32, digits 1x8x8, har2 128x9 sequences), whatever
+    ``model.input_shape`` says. The dense MACs and the MLflow Model's example use it, so a run trained at
+    64x64 is measured and exported at 64x64."""
+    from gmp_dist.data.formats import SPECS
+
+    fixed = SPECS[cfg.data.name].input_shape
+    if fixed is not None:
+        return tuple(fixed)
+    return (3, cfg.data.resolution, cfg.data.resolution)
 
 
 def _data_dir(cfg: Any) -> Path:
