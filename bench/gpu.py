@@ -3,6 +3,7 @@ autocast, channels_last, batch 256, synthetic ImageNet-shaped input, dense vs 90
 (``pruner.apply()`` after every step), eager. Part ``endtoend`` (bench/gpu_e2e.py): the same model compiled, on
 synthetic tensors and fed from JPEG files by the real loader. Part ``decision``: our decision on CUDA tensors at 25.5M
 (ResNet-50) and 400M (ViT-H-like) weights, MT 0.05% at 90%, beside concatenate-and-``kthvalue`` on the GPU.
+Part ``n_m`` (bench/gpu_n_m.py): ViT-B/16 bf16 inference, dense vs its Linear weights 2:4 semi-structured.
 
 Anchor: NVIDIA's published 2,470 img/s for ResNet-50 with AMP on one A100; our target on one H100 is
 >= 3,000 img/s, and masked/dense >= 0.99. ``python -m bench.gpu --part NAME`` prints one part's figures
@@ -103,7 +104,14 @@ def endtoend_figures() -> dict:
     return figures_of()
 
 
-PARTS = {"decision": decision_figures, "throughput": throughput_figures, "endtoend": endtoend_figures}
+def n_m_figures() -> dict:
+    from bench.gpu_n_m import n_m_figures as figures_of
+
+    return figures_of()
+
+
+PARTS = {"decision": decision_figures, "throughput": throughput_figures, "endtoend": endtoend_figures,
+         "n_m": n_m_figures}
 
 
 def figures() -> dict:

@@ -19,9 +19,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "gpu-results.json"
 TOTAL_S = 480  # the issue's 8 minutes
-# The tests took 177 s on an H200 (84 s of it Ray's start); the parts' boxes leave each ~2x its expected time.
-TESTS_S = 210
-PART_S = {"decision": 60, "throughput": 60, "endtoend": 145}
+# The tests took 177 s on an H200 (84 s of it Ray's start); the parts' boxes leave each ~2x its expected time,
+# and together they fit the budget (200 + 50 + 50 + 130 + 45 = 475 s, + RESERVE_S). n_m (ViT-B/16 inference,
+# dense vs 2:4) is expected at ~20 s and has not run on a GPU yet; to make room, endtoend went from 145 to 130,
+# the tests from 210 to 200 and decision / throughput from 60 to 50 (not timed alone; estimated ~15-25 s each).
+TESTS_S = 200
+PART_S = {"decision": 50, "throughput": 50, "endtoend": 130, "n_m": 45}
 RESERVE_S = 5
 
 

@@ -1,6 +1,6 @@
 """`gmp-dist prune`: one-shot pruning of a checkpoint, offline (design.md §1 contract), by any registered
 method (``--method``, default global_mp: Global MP + MT). Data-driven methods (SNIP) read their batches
-from the data set of ``--config``.
+from the data set of ``--config``; ``--n-m N:M`` and ``--global-first`` set ``prune.n_m``'s options.
 
 Writes ``--out`` as a plain state_dict (pruned weights are exact zeros) and the report beside it
 (``out.pt`` → ``out.json``). Both are written to temporary names first, so a failure leaves neither.
@@ -44,7 +44,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         " default the model's own (3,224,224 for torchvision/...)")
     p.add_argument("--checkpoint", help="state_dict saved with torch.save (or a gmp-dist training checkpoint);"
                                         " without it the model's own initialisation, seeded by --seed")
-    p.add_argument("--sparsity", type=float, required=True, help="fraction of prunable weights removed, 0 <= S < 1")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="fraction of prunable weights removed, 0 <= S < 1; required unless the method's sparsity is"
+                        " set otherwise (structured: by its ranks; n_m: by its pattern, unless --global-first)")
+    p.add_argument("--n-m", type=parse_n_m, default=None, metavar="N:M",
+                   help="--method n_m: keep N of every M consecutive weights along each layer's reduction dim"
+                        " (prune.n_m.n / .m; default 2:4, the pattern sparse tensor cores run)")
+    p.add_argument("--global-first", action="store_true",
+                   help="--method n_m: first the Global MP (+ MT) cut to --sparsity, then N:M among the survivors"
+                        " (prune.n_m.global_first)")
     mt = p.add_mutually_exclusive_group()
     mt.add_argument("--min-threshold-pct", type=float, help="MT as in the paper's code: percent of all prunable"
                                                             " weights, kept in every layer (e.g. 0.05)")
@@ -70,8 +78,19 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def parse_n_m(text: str) -> tuple[int, int]:
+    """``"2:4"`` -> ``(2, 4)``; argparse turns the error into exit 2 naming --n-m."""
+    from gmp_dist.pruning.n_m import MAX_M
+
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or not 0 < int(parts[0]) < int(parts[1]) <= MAX_M:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N:M with integers 0 < N < M <= {MAX_M}; the valid form is"
+                                         " N:M, e.g. 2:4")
+    return int(parts[0]), int(parts[1])
+
+
 def _check_args(args: argparse.Namespace) -> Path:
-    if not 0.0 <= args.sparsity < 1.0:
+    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
         raise UserError(f"--sparsity {args.sparsity}: must satisfy 0 <= S < 1 (e.g. 0.9 for 90%)")
     if args.min_threshold_pct is not None and not 0.0 <= args.min_threshold_pct <= 100.0:
         raise UserError(f"--min-threshold-pct {args.min_threshold_pct}: must be a percent in [0, 100] (e.g. 0.05)")
@@ -105,11 +124,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--method {args.method} changes its masks (or learns its sparsity) during training: run it"
                         f" with `gmp-dist train --set prune.method={args.method}`; offline pruning takes a static"
                         f" method ({static})")
-    options = _options(cfg, args.method)
-    method.check([tuple(t.shape) for t in tensors], [n for n, _ in named], args.sparsity, min_weights, options,
+    options = _flag_options(method, _options(cfg, args.method), args)
+    sparsity = _sparsity(method, options, args)
+    method.check([tuple(t.shape) for t in tensors], [n for n, _ in named], sparsity, min_weights, options,
                  has_data=cfg is not None)
     data = _data_source(cfg) if method.info.needs_data else None
-    result = method.decide(PruneRequest([n for n, _ in named], tensors, args.sparsity, min_weights, args.mt_mode,
+    result = method.decide(PruneRequest([n for n, _ in named], tensors, sparsity, min_weights, args.mt_mode,
                                         args.seed, options, model, [p for _, p in named], tuple(input_shape),
                                         data))
     with torch.no_grad():
@@ -119,11 +139,46 @@ def run(args: argparse.Namespace) -> int:
                             dense_macs(model, input_shape, args.exclude), min_weights, result.mt_bound,
                             result.threshold)
     report.update({"method": args.method, "target_sparsity": args.sparsity, "mt_mode": args.mt_mode,
-                   "checkpoint": args.checkpoint})
+                   "checkpoint": args.checkpoint, **result.report})
     _write_outputs(model.state_dict(), report, out)
     print(format_report(report))
+    if result.note:
+        print(result.note)
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
+
+
+def _flag_options(method, options, args: argparse.Namespace):
+    """--n-m and --global-first onto the method's options (those of the config, else the defaults)."""
+    given: dict = {}
+    if args.n_m is not None:
+        given.update(n=args.n_m[0], m=args.n_m[1])
+    if args.global_first:
+        given["global_first"] = True
+    if not given:
+        return options
+    fields = set(method.info.options.model_fields) if method.info.options else set()
+    if not set(given) <= fields:
+        flags = ", ".join(f for f, on in (("--n-m", args.n_m is not None), ("--global-first", args.global_first)) if on)
+        takers = ", ".join(i.name for i in available() if i.options and set(given) <= set(i.options.model_fields))
+        raise UserError(f"{flags}: options of --method {takers}, not of --method {method.info.name}")
+    return method.opts({**method.opts(options).model_dump(), **given})
+
+
+def _sparsity(method, options, args: argparse.Namespace) -> float:
+    """--sparsity where the method takes a target (with these options); refused where it would be ignored."""
+    name = method.info.name
+    if method.takes_sparsity(options):
+        if args.sparsity is None:
+            raise UserError(f"--sparsity S is required for --method {name} (the fraction of prunable weights"
+                            " removed, e.g. 0.9)")
+        return args.sparsity
+    if args.sparsity is not None:
+        hint = " (or add --global-first: Global MP to S first, then N:M)" if "global_first" in (
+            method.info.options.model_fields if method.info.options else {}) else ""
+        raise UserError(f"--sparsity {args.sparsity}: --method {name} sets its sparsity itself and would ignore it;"
+                        f" drop --sparsity{hint}")
+    return 0.0
 
 
 def _load_config(path):

@@ -18,6 +18,7 @@ import torch
 
 from gmp_dist.config import RunConfig, load_config
 from gmp_dist.errors import UserError
+from gmp_dist.mask_sources import check_masks_from
 from gmp_dist.models.configured import build_configured_model, configured_input_shape, trained_input_shape
 from gmp_dist.pruning.masks import resolve_min_weights
 from gmp_dist.pruning.selection import prunable_parameters
@@ -65,6 +66,10 @@ def preflight(cfg: RunConfig) -> None:
     _check_run_folder(cfg)
     prepare_data(cfg)  # converts digits once here rather than in every worker; names missing files
     check_method(cfg, model)
+    check_masks_from(cfg, model)  # reads the source (a download for MLflow ones): bad or misfit ones exit 2
+    orchestrator = _orchestrator(cfg)
+    if orchestrator is not None:
+        orchestrator.check(cfg)
 
 
 def check_method(cfg: RunConfig, model: torch.nn.Module) -> None:
@@ -93,14 +98,33 @@ def _check_run_folder(cfg: RunConfig) -> None:
 
 
 def run_training(cfg: RunConfig, parent_run_id: Optional[str] = None) -> dict:
-    """Check resources, open (or continue) the MLflow run, train, close the run with the right status."""
+    """Train ``cfg``: one run, or, for a schedule that is several trainings, its orchestrator's."""
+    orchestrator = _orchestrator(cfg)
+    if orchestrator is not None:
+        return orchestrator.run(cfg, parent_run_id)
+    return run_single(cfg, parent_run_id)
+
+
+def _orchestrator(cfg: RunConfig):
+    """The seam for schedules made of several ordinary runs (``run(cfg, parent_run_id)`` and ``check(cfg)``):
+    prune.schedule iterative, one run per round under a parent run. None: the engine runs the schedule."""
+    if cfg.prune.schedule == "iterative":
+        from gmp_dist.commands import iterative
+
+        return iterative
+    return None
+
+
+def run_single(cfg: RunConfig, parent_run_id: Optional[str] = None, tags: Optional[dict] = None) -> dict:
+    """Check resources, open (or continue) the MLflow run (``tags`` added when it opens), train, close the run
+    with the right status."""
     from gmp_dist.tracking import end_run, resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else None
     with _launcher(cfg) as launch:  # joins Ray / checks devices first: a bad request leaves no MLflow run
         run_id, status = None, "FAILED"
         try:  # a signal from here on ends the run KILLED
-            run_id = _resumed_run_id(cfg, uri) or _new_run(cfg, parent_run_id)
+            run_id = _resumed_run_id(cfg, uri) or _new_run(cfg, parent_run_id, tags)
             result = launch(cfg, uri, run_id)
             final = _publish_final(cfg, uri, run_id)
             model_uri = _log_mlflow_model(cfg, uri, run_id, final) if final and not result.get("stopped_early") \
@@ -138,11 +162,11 @@ def summary_line(cfg: RunConfig, result: dict) -> str:
             f" FLOPs pruned {result.get('flops_pruned', 0.0):.4f}, MLflow run {result.get('run_id')}")
 
 
-def _new_run(cfg: RunConfig, parent_run_id: Optional[str]) -> Optional[str]:
+def _new_run(cfg: RunConfig, parent_run_id: Optional[str], tags: Optional[dict] = None) -> Optional[str]:
     from gmp_dist import storage
     from gmp_dist.tracking import start_run
 
-    run_id = start_run(cfg, parent_run_id=parent_run_id)
+    run_id = start_run(cfg, parent_run_id=parent_run_id, extra_tags=tags)
     if run_id:
         storage.write_run_id(storage.run_folder(cfg), run_id)
     return run_id

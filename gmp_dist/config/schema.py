@@ -27,6 +27,12 @@ class ModelCfg(Section):
     # Local path to a state_dict, "torchvision:<WeightsEnum.NAME>", or an MLflow URI
     # ("runs:/<run_id>/<path>", "models:/<name>/<version>", "mlflow-artifacts:/...").
     pretrained: Optional[str] = None
+    # Start from the masks of an earlier run (a final.pt or training checkpoint path, an MLflow run id,
+    # "runs:/<run_id>/<path>", "models:/<name>/<version>"): zeros of its weights are pruned (a training
+    # checkpoint's own masks win). Installed as fixed masks on the model.pretrained weights before training;
+    # prune.method none keeps exactly them, another static method prunes on top (the given positions stay
+    # pruned); dynamic methods (rigl, dpf, str) refuse it. Shapes must match the model's prunable tensors.
+    masks_from: Optional[str] = None
     num_classes: Optional[int] = Field(default=None, ge=1)
     # One input sample without the batch dimension, e.g. [3, 224, 224]; required for <module>:<callable>,
     # defaults to the model's own (3x224x224 for torchvision/...). FLOPs and the MLflow Model use the shape
@@ -71,12 +77,29 @@ class GradualCfg(Section):
         return self
 
 
+class IterativeCfg(Section):
+    """prune.schedule: iterative — iterative magnitude pruning with rewinding (Frankle & Carbin 2019; Frankle
+    et al. 2020; Renda et al. 2020 for ``rewind: lr``). Round r of ``rounds`` prunes to the cumulative
+    sparsity 1 - (1 - prune.sparsity)^(r/rounds) by the exact Global MP + MT decision on the weights the
+    previous round ended with (round 1: the starting model; pruned weights rank below every alive one, so
+    the masks are nested), rewinds, then trains train.epochs (gmp_dist.commands.iterative)."""
+
+    rounds: int = Field(default=3, ge=1)
+    # weights: the surviving weights go back to their values at epoch rewind_epoch of round 1's training
+    # (0: the starting model), saved as <storage_path>/<name>/rewind.pt; lr: the weights stay as trained
+    # and only the LR schedule starts again (rewind_epoch must then be 0).
+    rewind: Literal["weights", "lr"] = "weights"
+    rewind_epoch: int = Field(default=0, ge=0)  # at most train.epochs
+
+
 class _PruneSection(Section):
     # One of gmp_dist.pruning.methods.available(): global_mp, uniform, uniform_plus, erk, lamp, random,
-    # snip, synflow, rigl, dpf, str, structured, none (README "Pruning methods"). A method's own options
+    # snip, synflow, rigl, dpf, str, n_m, structured, none (README "Pruning methods"). A method's own options
     # are the section named after it (prune.snip, prune.rigl, ...): its MethodOptions model, added below.
     method: str = "global_mp"
-    schedule: Literal["oneshot", "gradual"] = "oneshot"
+    # oneshot (prune once before training), gradual (prune.gradual) or iterative (prune.iterative: rounds of
+    # prune, rewind, train under one MLflow parent run with a child run per round; global_mp only).
+    schedule: Literal["oneshot", "gradual", "iterative"] = "oneshot"
     sparsity: Float = Field(default=0.9, ge=0.0, lt=1.0)
     min_weights: Optional[int] = Field(default=None, ge=0)
     min_threshold_pct: Optional[Float] = Field(default=None, ge=0.0, le=100.0)
@@ -84,6 +107,7 @@ class _PruneSection(Section):
     exclude: list[str] = Field(default_factory=list)
     allow_collapse: bool = False
     gradual: GradualCfg = Field(default_factory=GradualCfg)
+    iterative: IterativeCfg = Field(default_factory=IterativeCfg)
 
     @field_validator("method")
     @classmethod
@@ -97,6 +121,27 @@ class _PruneSection(Section):
     def _one_mt(self) -> "PruneCfg":
         if self.min_weights is not None and self.min_threshold_pct is not None:
             raise ValueError("give at most one of prune.min_weights and prune.min_threshold_pct")
+        return self
+
+    @model_validator(mode="after")
+    def _iterative_keys(self) -> "PruneCfg":
+        if self.schedule != "iterative":
+            if self.iterative != IterativeCfg():
+                raise ValueError(f"prune.iterative applies to prune.schedule: iterative only (the schedule is"
+                                 f" {self.schedule}); remove it or set prune.schedule: iterative")
+            return self
+        if self.method != "global_mp":
+            raise ValueError(f"prune.schedule: iterative ranks weights by the exact Global MP + MT decision; set"
+                             f" prune.method: global_mp (got {self.method})")
+        if self.mt_mode != "exact":
+            raise ValueError("prune.schedule: iterative needs prune.mt_mode: exact (the reference MT procedure is"
+                             " one-shot and does not nest the masks of successive rounds)")
+        if self.gradual != GradualCfg():
+            raise ValueError("prune.gradual has no meaning with prune.schedule: iterative (its rounds are set by"
+                             " prune.iterative); remove the prune.gradual keys")
+        if self.iterative.rewind == "lr" and self.iterative.rewind_epoch != 0:
+            raise ValueError(f"prune.iterative.rewind_epoch ({self.iterative.rewind_epoch}) applies to rewind:"
+                             " weights; rewind: lr always restarts the LR schedule from its start (set it to 0)")
         return self
 
 
@@ -206,3 +251,13 @@ class RunConfig(Section):
     tracking: TrackingCfg = Field(default_factory=TrackingCfg)
     checkpoint: CheckpointCfg = Field(default_factory=CheckpointCfg)
     reference: ReferenceCfg = Field(default_factory=ReferenceCfg)
+
+    @model_validator(mode="after")
+    def _iterative_training(self) -> "RunConfig":
+        it = self.prune.iterative
+        if self.prune.schedule == "iterative" and self.train.epochs < 1:
+            raise ValueError("prune.schedule: iterative trains train.epochs epochs per round: set train.epochs >= 1")
+        if self.prune.schedule == "iterative" and it.rewind_epoch > self.train.epochs:
+            raise ValueError(f"prune.iterative.rewind_epoch ({it.rewind_epoch}) lies past round 1's training"
+                             f" (train.epochs = {self.train.epochs}); set it to at most {self.train.epochs}")
+        return self

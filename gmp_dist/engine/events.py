@@ -125,7 +125,15 @@ class PruningController:
             self.seed, self.options, self.model, self.pruner.params,
             tuple(self.input_shape) if self.input_shape else None, self.data, self.comm, self.ctx.rank,
             self.ctx.world_size)
-        return self._install(self.method.decide(request), optimizer, target)
+        # A method whose sparsity is set otherwise (structured, n_m's pattern) reports no target.
+        shown = target if self.method.takes_sparsity(self.options) else None
+        return self._install(self.method.decide(request), optimizer, shown)
+
+    def start_from_masks(self, masks: dict[str, torch.Tensor]) -> dict:
+        """Install ``model.masks_from``'s masks (by name) before training: pruned weights zeroed and kept
+        fixed like any mask; a pruning event later prunes on top of them (masks only grow)."""
+        result = PruneResult([masks[name] for name in self.pruner.names], [False] * len(self.pruner.names))
+        return self._install(result, None, None, grow_only=False, quiet=True)
 
     def _step_context(self, step: int, optimizer) -> StepContext:
         return StepContext(step, self.total_steps, self.pruner.names, self.pruner.params, self.pruner.masks,
@@ -136,6 +144,7 @@ class PruningController:
         """Between ``loss.backward()`` and ``optimizer.step()``: a dynamic method may return new masks
         (installed through the same agreement check and report), then pruned gradients are zeroed."""
         if not self.enabled:
+            self.pruner.mask_gradients()  # masks given by model.masks_from stay fixed (a no-op without masks)
             return
         masks = self.method.at_step(self._step_context(step, optimizer))
         dense = self.method.dense_updates_now(step, self.total_steps)
@@ -166,6 +175,7 @@ class PruningController:
             self.pruner.reset_outside(keep, optimizer)
         report = self._report(installed, result.mt_bound, result.threshold)
         report["target_sparsity"] = target
+        report.update(result.report)  # the method's own entries (n_m: its pattern, dense layers, sparsities)
         self.last_report = report
         if report["collapsed_layers"] and not self.cfg.allow_collapse:
             raise CollapseError(
@@ -179,6 +189,8 @@ class PruningController:
                 self.method.info.name, report["sparsity"], "-" if target is None else f"{target:.4f}",
                 report["kept_weights"], report["prunable_weights"], report["flops_pruned"],
                 f", MT-bound layers: {len(report['mt_bound_layers'])}" if report["mt_bound_layers"] else "")
+            if result.note:
+                (log.debug if quiet else log.info)("%s: %s", self.method.info.name, result.note)
         return report
 
     def _report(self, masks, mt_bound=None, threshold=None) -> dict:

@@ -28,6 +28,7 @@ from gmp_dist.engine.events import PruningController
 from gmp_dist.engine.optim import build_optimizer, build_scheduler
 from gmp_dist.engine.state import TrainingCheckpoints, restore_training_state
 from gmp_dist.engine.uploads import BackgroundUploads
+from gmp_dist.mask_sources import read_start_masks
 from gmp_dist.models.configured import build_configured_model, configured_input_shape, trained_input_shape
 from gmp_dist.models.flops import dense_macs
 from gmp_dist.models.pretrained import load_pretrained
@@ -161,6 +162,9 @@ def _train(cfg: RunConfig, env: WorkerEnv, checkpoints: TrainingCheckpoints, upl
                                    DataSource(lambda: loaders.train, loss_fn), cfg.train.seed)
     controller.set_horizon(cfg.train.epochs, steps_per_epoch(cfg, loaders.train))  # a schedule past the run: exit 2
     controller.transform_model()  # the method's reparameterisation (STR), before DDP, compile and the optimizer
+    if cfg.model.masks_from and env.resume_from is None:  # a resumed run restores its masks from the checkpoint
+        named_shapes = [(n, tuple(p.shape)) for n, p in zip(controller.pruner.names, controller.pruner.params)]
+        controller.start_from_masks(read_start_masks(cfg.model.masks_from, named_shapes, cfg.tracking.uri).masks)
     net = _wrap_ddp(model, ctx)
     if cfg.train.compile:
         net = torch.compile(net)

@@ -6,7 +6,8 @@
 - ``torchvision:<WeightsEnum>.<NAME>``, e.g. ``torchvision:ResNet50_Weights.IMAGENET1K_V1``
   (downloads, so it needs internet);
 - an MLflow URI: ``runs:/<run_id>/<path>``, ``models:/<name>/<version>`` (an MLflow Model, e.g. one a
-  gmp-dist run registered), ``mlflow-artifacts:/...``; read by ``gmp_dist.model_sources``.
+  gmp-dist run registered), ``mlflow-artifacts:/...``; read by ``gmp_dist.model_sources``;
+- a file in object storage (``s3://…``, see ``gmp_dist.storage``), e.g. an iterative run's ``rewind.pt``.
 
 Every problem (missing or corrupt file, wrong architecture, no network) is a ``UserError`` that
 names the source and the model, so the CLI exits 2 with a readable message.
@@ -34,7 +35,9 @@ def load_pretrained(model: nn.Module, source: str, model_name: str | None = None
     if source.startswith("torchvision:"):
         state, where = _torchvision_state(source, label), source
     else:
-        if not source.startswith(_MLFLOW_SCHEMES) and not Path(source).exists():
+        from gmp_dist import storage
+
+        if not source.startswith(_MLFLOW_SCHEMES) and not storage.is_uri(source) and not Path(source).exists():
             raise UserError(f"pretrained weights for model {label!r}: file {source} does not exist "
                             f"(give a state_dict .pt path, torchvision:<Weights>.<NAME> or an MLflow URI)")
         found = read_model_source(source, tracking_uri)  # files, checkpoints, runs:/, models:/NAME/VERSION

@@ -8,7 +8,7 @@ import line below.
 """
 
 from gmp_dist.pruning.methods.registry import available, create_method, get_method, method_names, register  # isort: skip
-from gmp_dist.pruning.methods import magnitude, lamp, snip, synflow, randomized, rigl, dpf, strmethod, columns  # noqa: F401, I001  (they register, in listing order)  # isort: skip
+from gmp_dist.pruning.methods import magnitude, lamp, snip, synflow, randomized, rigl, dpf, strmethod, n_m, columns  # noqa: F401, I001  (they register, in listing order)  # isort: skip
 from gmp_dist.pruning.methods.base import (
     DataSource,
     MethodInfo,

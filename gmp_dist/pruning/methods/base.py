@@ -15,7 +15,7 @@ before DDP, ``torch.compile`` and the optimizer (``transform``; ``plain_state_di
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict
 from gmp_dist.pruning.global_mp import LOCAL, Collective
 
 # How a method spends the kept budget: one threshold over every layer's scores (with the Minimum
-# Threshold), a count per layer fixed in advance, whole columns, learned during training (STR: the
-# sparsity is an outcome, not a target), or nothing at all (dense training).
+# Threshold), a count per layer fixed in advance, a structure (whole columns, N:M groups), learned during
+# training (STR: the sparsity is an outcome, not a target), or nothing at all (dense training).
 GLOBAL, PER_LAYER, STRUCTURED, LEARNED, NONE = "global", "per_layer", "structured", "learned", "none"
 
 
@@ -107,6 +107,8 @@ class PruneResult:
     masks: list[torch.Tensor]  # bool, shaped like ``tensors``; identical on every rank
     mt_bound: list[bool]  # the layer keeps its minimum because the global cut would give it less
     threshold: Optional[float] = None  # the global cut on the method's score scale (global methods)
+    report: dict = field(default_factory=dict)  # the method's own entries for the pruning report (JSON values)
+    note: str = ""  # one line for people about this decision, shown under the report (``gmp-dist prune``, logs)
 
 
 @dataclass
@@ -161,6 +163,15 @@ class PruningMethod:
 
     def decide(self, request: PruneRequest) -> PruneResult:
         raise NotImplementedError
+
+    def takes_sparsity(self, options: Any = None) -> bool:
+        """Whether ``prune.sparsity`` is the target with these options. The allocation decides
+        (``info.uses_sparsity``) unless an option changes it: ``n_m`` takes one only with ``global_first``."""
+        return self.info.uses_sparsity
+
+    def takes_mt(self, options: Any = None) -> bool:
+        """Whether a Minimum Threshold means something with these options (``info.accepts_mt`` by default)."""
+        return self.info.accepts_mt
 
     def check_run(self, options: Any, total_steps: int, epochs: int) -> None:
         """Raise UserError when the run is too short for this method's schedule (its key named)."""
