@@ -29,3 +29,14 @@ def write_study_file(tmp: Path, digits: Path, name: str, methods: list, sparsiti
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def assert_bad_study_exits_2(config: Path, out: Path, capsys, named: str, says: str) -> None:
+    """``gmp-dist study CONFIG`` exits 2 with ``named`` (the key) and ``says`` in its message, before
+    anything runs: no output folder, no MLflow store."""
+    from gmp_dist.cli import main
+
+    assert main(["study", str(config), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert named in err and says in err, err
+    assert not out.exists() and not (config.parent / "mlflow.db").exists()

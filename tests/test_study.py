@@ -29,7 +29,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N_DIGITS = 151_072  # prunable weights of digits_cnn
 MT_02 = 302  # int(151,072 * 0.2 / 100)
 COLUMNS = ["method", "sparsity", "mt", "oneshot_top1", "finetuned_top1", "flops_pruned", "kept_weights",
-           "collapsed_layers", "run_id", "given", "paper_top1"]
+           "collapsed_layers", "run_id", "given", "paper_top1", "label"]
 OUTPUTS = {"results.csv", "results.md", "accuracy_vs_sparsity.png", "accuracy_vs_flops.png", "layers.png"}
 
 

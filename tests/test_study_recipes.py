@@ -50,7 +50,9 @@ def _check_full_plan(config: Path, overrides: list[str], out: Path, entries: int
     plan = plan_study(study, base, out)
     assert (len(study.methods), study.sparsities) == (entries, sparsities)
     assert len(plan.points) == (entries - (1 if swept else 0)) * len(sparsities) + swept
-    assert all(p.cfg.prune.schedule == "oneshot" and p.cfg.reference.top1 is None for p in plan.points)
+    # One-shot, but where an entry sets its own schedule (the iterative row).
+    assert all(p.cfg.prune.schedule == p.entry.set.get("prune.schedule", "oneshot") and p.cfg.reference.top1 is None
+               for p in plan.points)
     return plan
 
 
@@ -85,7 +87,7 @@ def _children(tmp: Path, parent: str) -> list:
 def test_resnet50_imagenet_study(tmp_path):
     data = imagenet_data(tmp_path)
     size = ["data.resolution=64", "data.val_resize=72"]
-    plan = _check_full_plan(RESNET50, _overrides(data, tmp_path, [*size, *SHORT_RIGL]), tmp_path / "plan", 13,
+    plan = _check_full_plan(RESNET50, _overrides(data, tmp_path, [*size, *SHORT_RIGL]), tmp_path / "plan", 15,
                             [0.8, 0.9, 0.953, 0.9805], swept=4)
     assert plan.dense_cfg is None and plan.dense_source.startswith("torchvision:")
     assert plan.prunable_weights == 25_502_912
@@ -104,6 +106,16 @@ def test_resnet50_imagenet_study(tmp_path):
     assert [(p.sparsity, p.cfg.prune.method, p.cfg.prune.str.s_init) for p in strs] == [(None, "str", -3200.0)] * 4
     assert [p.cfg.prune.str.s_weight_decay for p in strs] == [2.5e-5, 4.0e-5, 5.6e-5, 8.0e-5]
     assert _paper(plan, "STR")[0.877] == 74.73
+    # Beyond the paper: iterative Global MP (5 rounds, weights rewound to epoch 1) and 2:4 after Global MP,
+    # both at every target; the N:M rows stand where they land (given their target), the iterative ones at it.
+    iterative = by_label["Global MP, iterative (5 rounds, rewind to epoch 1)"]
+    assert [p.sparsity for p in iterative] == [0.8, 0.9, 0.953, 0.9805]
+    assert all((p.cfg.prune.method, p.cfg.prune.schedule, p.cfg.prune.iterative.rounds, p.cfg.prune.iterative.rewind,
+                p.cfg.prune.iterative.rewind_epoch, p.at_target) == ("global_mp", "iterative", 5, "weights", 1, True)
+               for p in iterative)
+    n_m = by_label["Global MP + 2:4"]
+    assert [(p.sparsity, p.cfg.prune.method, p.cfg.prune.n_m.global_first, (p.cfg.prune.n_m.n, p.cfg.prune.n_m.m),
+             p.at_target) for p in n_m] == [(s, "n_m", True, (2, 4), False) for s in (0.8, 0.9, 0.953, 0.9805)]
     start = tmp_path / "dense.pt"
     dense_start(plan.base, start)
     overrides = _overrides(data, tmp_path, [*size, f"study.dense.checkpoint={start}", TWO_ENTRIES,

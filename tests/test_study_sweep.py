@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from study_files import write_study_file
+from study_files import assert_bad_study_exits_2, write_study_file
 
-from gmp_dist.cli import main
 from gmp_dist.errors import UserError
 from gmp_dist.study.config import load_study
 from gmp_dist.study.grid import fingerprint, plan_study
@@ -106,11 +105,7 @@ def test_two_rigl_entries_differing_by_options_are_two_curves(tmp_path, digits_d
     ({"method": "global_mp", "reference": {0.9: {"top": 70.0}}}, "study.methods.0.reference.0.9", "top1"),
 ])
 def test_bad_entry_exits_2_naming_the_key_before_anything_runs(tmp_path, digits_dir, capsys, entry, named, says):
-    config = _study_file(tmp_path, digits_dir, "bad", [entry])
-    assert main(["study", str(config), "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert named in err and says in err, err
-    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+    assert_bad_study_exits_2(_study_file(tmp_path, digits_dir, "bad", [entry]), tmp_path / "out", capsys, named, says)
 
 
 def test_the_same_sweep_twice_is_refused(tmp_path, digits_dir):

@@ -10,13 +10,26 @@ study:
     - {method: global_mp, min_threshold_pct: 0.2, label: Global MP + MT, reference: {0.9: 98.5}}
     - {method: rigl, options: {update_every: 10}}           # prune.rigl.update_every in every point
     - {method: str, sweep: {s_init: [-5.0, -3.0]}}         # points <name>-str-s_init-5-seed0, ...
+    - {method: global_mp, label: Global MP iterative,      # any run-config keys, in every point of the entry
+       set: {prune.schedule: iterative, prune.iterative: {rounds: 3, rewind: weights, rewind_epoch: 1}}}
+    - {method: n_m, options: {global_first: true}}          # on the axis, but its rows stand where they land
   sparsities: [0.9, 0.95]
   seeds: [0]
 ```
 
 An entry's points are its method at every sparsity of ``sparsities`` -- unless the method learns its
 sparsity (STR: ``MethodInfo.sparsity_is_outcome``). Such an entry must carry a ``sweep`` over exactly one
-of its options instead, one point per value, and its rows report the sparsity each point reached.
+of its options instead, one point per value, and its rows report the sparsity each point reached. A
+method that takes a target but may prune past it (``n_m`` with ``global_first``: the method's
+``ends_at_target(options)`` is false) has its points at the sparsities too, and its rows also stand at the
+sparsity each point reached (``given`` says the target).
+
+``set`` changes the run config of every point of an entry: dotted run-config keys (``prune.schedule:
+iterative``, ``prune.iterative: {rounds: 5}``), applied after what the study sets, checked against the run
+schema (unknown keys exit 2 with a hint). Keys the study itself decides per point are refused, each with
+where to give it instead: the method, sparsity and MT (the entry's own keys), the method's section
+(``options``), the seed, the dense start, the run's name, folder and tracking, and the model and
+``prune.exclude`` (every row is measured on the same model's weights).
 
 Everything is validated before anything runs: the study section by its schema, then the base run config
 and every point's run config (method, MT and sparsity filled in) by the run schema, each error naming
@@ -66,6 +79,9 @@ class MethodEntry(Section):
     label: Optional[str] = Field(default=None, min_length=1)
     # prune.<method>.<key> in every point's run config, e.g. {update_every: 10} for rigl.
     options: dict[str, Any] = Field(default_factory=dict)
+    # Dotted run-config keys in every point's run config, e.g. {prune.schedule: iterative,
+    # prune.iterative.rounds: 5}; keys the study sets per point are refused (see the module docstring).
+    set: dict[str, Any] = Field(default_factory=dict)
     # Exactly one option of a method whose sparsity is an outcome, and its values: one point per value.
     sweep: Optional[dict[str, list[Any]]] = None
     # The paper's numbers: {sparsity: top-1} or {sparsity: {top1, flops_pruned, note}}, sparsity a fraction
@@ -79,6 +95,13 @@ class MethodEntry(Section):
         if method is not None and options:
             _check_options(method, options)
         return options
+
+    @field_validator("set")
+    @classmethod
+    def _set(cls, settings: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if settings:
+            _check_settings(settings, info.data.get("method"))
+        return settings
 
     @field_validator("sweep")
     @classmethod
@@ -123,7 +146,8 @@ class MethodEntry(Section):
 
         if self.min_weights is not None and self.min_threshold_pct is not None:
             raise ValueError("give at most one of min_weights and min_threshold_pct")
-        info = get_method(self.method).info  # a UserError (a ValueError) listing the methods, with a hint
+        method = get_method(self.method)  # a UserError (a ValueError) listing the methods, with a hint
+        info = method.info
         if info.sparsity_is_outcome:
             if self.sweep is None:
                 fields = sorted(info.options.model_fields) if info.options else []
@@ -131,12 +155,14 @@ class MethodEntry(Section):
                 raise ValueError(f"method {self.method!r} learns its sparsity (an outcome, not a target), so it has no"
                                  f" place on the sparsity axis: give this entry a sweep over one of its options"
                                  f" ({', '.join(fields)}), one point per value, e.g. {example}")
-        elif not info.uses_sparsity:
+        elif not method.takes_sparsity(self.options):
             usable = ", ".join(i.name for i in available() if i.uses_sparsity or i.sparsity_is_outcome)
-            raise ValueError(f"method {self.method!r} is not set by a sparsity, so it has no place on a sparsity"
-                             f" axis (study methods: {usable})")
+            some = f" with these options ({_options_text(self.options)})" if info.options else ""
+            raise ValueError(f"method {self.method!r} is not set by a sparsity{some}, so it has no place on a"
+                             f" sparsity axis (study methods: {usable}; or a method with options that give it a"
+                             " target: see its prune.<method> options)")
         # A dynamic per-layer method (RigL) may honour MT as a floor: its own check decides, at planning.
-        if self.has_mt and not info.accepts_mt and (info.sparsity_is_outcome or not info.dynamic):
+        if self.has_mt and not method.takes_mt(self.options) and (info.sparsity_is_outcome or not info.dynamic):
             takers = ", ".join(i.name for i in available() if i.accepts_mt)
             what = "learns its per-layer thresholds" if info.sparsity_is_outcome else "allocates a count per layer"
             raise ValueError(f"method {self.method!r} {what} and takes no Minimum Threshold; drop"
@@ -156,7 +182,15 @@ class MethodEntry(Section):
             name = f"{self.method} + MT {self.min_threshold_pct:g}%"
         else:
             name = f"{self.method} + MT {self.min_weights}" if self.min_weights else self.method
-        return name + "".join(f" {k}={option_text(v)}" for k, v in sorted(self.options.items()))
+        name += "".join(f" {k}={option_text(v)}" for k, v in sorted(self.options.items()))
+        return name + "".join(f" {k}={option_text(v)}" for k, v in sorted(flat_settings(self.set).items()))
+
+    @property
+    def ends_at_target(self) -> bool:
+        """Whether a point at target s ends at s (its row stands at the target), else where it lands."""
+        from gmp_dist.pruning.methods import get_method
+
+        return get_method(self.method).ends_at_target(self.options)
 
     @property
     def sweep_key(self) -> Optional[str]:
@@ -173,7 +207,7 @@ class MethodEntry(Section):
     def identity(self) -> tuple:
         """What makes two entries the same curve (labels aside)."""
         return (self.method, self.min_threshold_pct, self.min_weights, json.dumps(self.options, sort_keys=True),
-                self.sweep_key)
+                self.sweep_key, json.dumps(flat_settings(self.set), sort_keys=True, default=str))
 
 
 def option_text(value: Any) -> str:
@@ -181,6 +215,67 @@ def option_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def flat_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``{"prune.iterative": {"rounds": 5}}`` -> ``{"prune.iterative.rounds": 5}``: every leaf by its dotted key."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update({f"{key}.{k}": v for k, v in flat_settings(value).items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _options_text(options: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={option_text(v)}" for k, v in sorted(options.items())) or "the defaults"
+
+
+# Run-config keys the study decides for every point, and where to give them instead.
+_STUDY_KEYS = {
+    "prune.method": "the entry's method",
+    "prune.sparsity": "study.sparsities",
+    "prune.min_weights": "the entry's min_weights",
+    "prune.min_threshold_pct": "the entry's min_threshold_pct",
+    "train.seed": "study.seeds",
+    "model.pretrained": "study.dense (every point starts from the dense model)",
+    "model.name": "study.run (every row is measured on the same model)",
+    "model.num_classes": "study.run (every row is measured on the same model)",
+    "model.kwargs": "study.run (every row is measured on the same model)",
+    "prune.exclude": "study.run (every row is measured on the same prunable weights)",
+    "name": "nowhere: the study names every point",
+    "experiment": "study.run (every point is a child run in the parent's experiment)",
+    "tracking": "study.run (every point is a child run in the parent's store)",
+    "checkpoint.storage_path": "--out (every point's run folder is under it)",
+    "checkpoint.resume": "nowhere: the study resumes every unfinished point",
+    "reference": "the entry's reference",
+}
+
+
+def _check_settings(settings: dict[str, Any], method: Optional[str]) -> None:
+    """``set``'s keys: each a run-config key (did-you-mean), none the study's own per point."""
+    from gmp_dist.config.load import _key_problems
+
+    problems = []
+    reserved = dict(_STUDY_KEYS)
+    if method:
+        reserved[f"prune.{method}"] = "the entry's options"
+    for key in settings:
+        parts = key.split(".") if isinstance(key, str) else [""]
+        if not all(parts):
+            problems.append(f"{key!r}: not a dotted run-config key (e.g. prune.schedule)")
+            continue
+        clash = next((r for r in reserved if key == r or r.startswith(key + ".") or key.startswith(r + ".")), None)
+        if clash is not None:
+            problems.append(f"{key}: the study sets {clash} for every point; give it in {reserved[clash]}")
+    if not problems:
+        raw: dict[str, Any] = {}
+        for key, value in settings.items():
+            set_key(raw, key, copy.deepcopy(value))
+        problems = _key_problems(raw, RunConfig, prefix="")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _method_info(info: ValidationInfo):

@@ -1,7 +1,9 @@
 """The study's plan: the dense run (or the named dense checkpoint) and every point of method x sparsity x seed.
 
 Each point is a full run config derived from the base (method, MT, sparsity, the entry's options, seed, the
-dense start, a run folder under ``OUT/runs``) and passes ``train.preflight`` before anything runs. An entry
+dense start, a run folder under ``OUT/runs``, then the entry's ``set``) and passes ``train.preflight`` before
+anything runs. An entry whose ``set`` gives ``prune.schedule: iterative`` is one such point per sparsity too:
+``run_training`` runs its rounds under the point's own MLflow run. An entry
 whose method learns its sparsity (STR) has one point per value of its ``sweep`` instead of one per
 sparsity: ``prune.<method>.<key>`` is set, ``prune.sparsity`` left as the base has it (the method ignores
 it), and the point's sparsity is whatever its run reaches. A point whose MT cannot
@@ -22,7 +24,7 @@ import torch
 from gmp_dist.commands.sweep import Point, safe_name
 from gmp_dist.config import RunConfig
 from gmp_dist.errors import InfeasibleError, UserError
-from gmp_dist.study.config import MethodEntry, StudyCfg, derived_config, option_text
+from gmp_dist.study.config import MethodEntry, StudyCfg, derived_config, flat_settings, option_text
 
 DENSE_FINAL = "final.pt"
 
@@ -37,6 +39,8 @@ class StudyPoint:
     min_weights_per_layer: int  # the MT as resolved for this model (0: none)
     infeasible: Optional[str] = None  # why the point cannot run, or None
     given: Optional[tuple[str, Any]] = None  # (option, value) of a sweep point, in place of a sparsity
+    # False: the method may prune past the target (n_m with global_first): the row stands where it lands.
+    at_target: bool = True
 
     @property
     def label(self) -> str:
@@ -63,6 +67,7 @@ class StudyPoint:
         settings += [(f"prune.{method}.{k}", option_text(v)) for k, v in sorted(self.entry.options.items())]
         if self.given is not None:
             settings.append((f"prune.{method}.{self.given[0]}", option_text(self.given[1])))
+        settings += [(k, option_text(v)) for k, v in sorted(flat_settings(self.entry.set).items())]
         return Point(tuple(settings), self.cfg)
 
 
@@ -132,30 +137,36 @@ def _point(study: StudyCfg, base: RunConfig, index: int, entry: MethodEntry, spa
     settings.update({f"prune.{entry.method}.{k}": v for k, v in entry.options.items()})
     if given is not None:
         settings[f"prune.{entry.method}.{given[0]}"] = given[1]
+    settings.update(entry.set)  # after the study's keys (the entry's prune.schedule wins), none of them clashing
     where = f"study.methods.{index} ({entry.name}) at " + (f"{given[0]} {option_text(given[1])}" if given
                                                             else f"sparsity {sparsity:g}")
     cfg = _checked(base, settings, where)
     mt = resolve_min_weights(n_prunable, entry.min_weights, entry.min_threshold_pct)
-    # The dense start may not exist yet (it is trained first): check everything else now.
-    unborn = study.dense.checkpoint is None
+    # The dense start may not exist yet (it is trained first): check everything else now. Once it exists it
+    # is checked too (an iterative point's earlier rounds were started from it: its check compares the path).
+    unborn = study.dense.checkpoint is None and not Path(dense_source).is_file()
     checkable = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": None})}) if unborn else cfg
+    at_target = given is not None or entry.ends_at_target
     try:
         preflight(checkable)
     except InfeasibleError as exc:
-        return StudyPoint(entry, sparsity, seed, name, cfg, mt, infeasible=str(exc), given=given)
+        return StudyPoint(entry, sparsity, seed, name, cfg, mt, infeasible=str(exc), given=given, at_target=at_target)
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
-    return StudyPoint(entry, sparsity, seed, name, cfg, mt, given=given)
+    return StudyPoint(entry, sparsity, seed, name, cfg, mt, given=given, at_target=at_target)
 
 
 def _slug(entry: MethodEntry) -> str:
     """Run names from what the point is (labels are for people and may change): global_mp-mt0.2pct,
-    rigl-update_every=10 (options, by key)."""
+    rigl-update_every=10 (options, by key), global_mp-rewind_epoch=1-rounds=5-schedule=iterative (``set``, by
+    key, each named by its last part)."""
     if entry.min_threshold_pct:
         slug = f"{entry.method}-mt{entry.min_threshold_pct:g}pct"
     else:
         slug = f"{entry.method}-mt{entry.min_weights}" if entry.min_weights else entry.method
-    return safe_name("-".join([slug, *(f"{k}={option_text(v)}" for k, v in sorted(entry.options.items()))]))
+    parts = [f"{k}={option_text(v)}" for k, v in sorted(entry.options.items())]
+    parts += [f"{k.rsplit('.', 1)[-1]}={option_text(v)}" for k, v in sorted(flat_settings(entry.set).items())]
+    return safe_name("-".join([slug, *parts]))
 
 
 def _checked(base: RunConfig, settings: dict, where: str) -> RunConfig:

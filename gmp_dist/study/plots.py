@@ -5,8 +5,8 @@ dense model as a grey line. The x axis is the *remaining* fraction (1 - sparsity
 log scale, reversed so sparsity grows to the right: 90%, 99% and 99.9% are evenly spaced, which is where
 the methods differ. Left panel: everything on 0-100%; right panel: the fine-tuned curves, zoomed.
 A red ring marks a point with a collapsed layer; infeasible points are listed under the legend. A row
-given an option instead of a sparsity (STR's s_init) is drawn where its run landed (its reached sparsity,
-its FLOPs pruned). The paper's numbers, where the study's entries give them, are hollow squares in the
+given an option instead of a sparsity (STR's s_init), or given a target its method may prune past (n_m with
+global_first), is drawn where its run landed (its reached sparsity, its FLOPs pruned). The paper's numbers, where the study's entries give them, are hollow squares in the
 method's colour on the zoomed panel.
 Matplotlib's object API on an Agg canvas: no pyplot state, no display.
 """

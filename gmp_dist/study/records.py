@@ -4,7 +4,11 @@ A finished point's numbers come from its run's result (one-shot and fine-tuned t
 model (``final.pt``): kept weights per layer measured from the tensors (design.md: sparsity is always
 measured), the layer-collapse verdict and FLOPs pruned from the pruning core's report. A point of a sweep
 (a method that learns its sparsity) has no target: ``sparsity`` is None and ``given`` names what it was
-given instead (``{"s_init": -3.0}``); its sparsity is ``measured_sparsity``.
+given instead (``{"s_init": -3.0}``); its sparsity is ``measured_sparsity``. So is that of a point whose
+method may prune past its target (``n_m`` with ``global_first``): ``sparsity`` is the target, and ``given``
+says so (``{"sparsity": 0.9}``). An iterative point (``prune.schedule: iterative``) records its last round:
+the one-shot top-1 is that round's masks on its start (the rewound weights), the fine-tuned one and the final
+model are that round's, and ``run_id`` is the point's own run (the parent of its rounds).
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ class PointRecord:
     layers: list[dict] = field(default_factory=list)  # {name, weights, kept}
     run_id: Optional[str] = None
     fingerprint: str = ""
-    given: dict = field(default_factory=dict)  # a sweep point's {option: value}; {} for a target sparsity
+    # A sweep point's {option: value}; {"sparsity": s} for a target the run may pass; {} for a target it ends at.
+    given: dict = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -116,7 +121,9 @@ def unfinished_record(point, status: str, reason: str, run_id: Optional[str] = N
 
 
 def _given(point) -> dict:
-    return {} if point.given is None else {point.given[0]: point.given[1]}
+    if point.given is not None:
+        return {point.given[0]: point.given[1]}
+    return {} if point.at_target else {"sparsity": point.sparsity}
 
 
 def _number(value) -> Optional[float]:

@@ -1,11 +1,13 @@
 """The study's table: one row per (method entry, point), averaged over seeds; as CSV and as markdown.
 
 ``results.csv`` columns (fixed): method, sparsity, mt, oneshot_top1, finetuned_top1, flops_pruned,
-kept_weights, collapsed_layers, run_id, given, paper_top1. Top-1 in percent, sparsity and FLOPs pruned as
+kept_weights, collapsed_layers, run_id, given, paper_top1, label (the entry's label: what tells two entries
+of one method apart, e.g. one-shot and iterative Global MP). Top-1 in percent, sparsity and FLOPs pruned as
 fractions, mt in weights per layer (0: none), collapsed layers as names joined by ``;``. ``given`` is what
 the point was given: ``sparsity=0.9`` (a target), or for a method that learns its sparsity (STR) the
 swept option, ``s_init=-3``; such a row's ``sparsity`` is the sparsity its run reached (measured from the
-final model; the mean over seeds). ``paper_top1`` is the entry's ``reference`` at the row's target
+final model; the mean over seeds). So is the ``sparsity`` of a row whose method may prune past its target
+(``n_m`` with ``global_first``), whose ``given`` is its target, ``sparsity=0.9``. ``paper_top1`` is the entry's ``reference`` at the row's target
 sparsity, if it gives one. With several seeds the numbers are means and run_id lists every child run
 (``;``). A point that could not run has empty numbers and its reason in place of the run id
 (``infeasible: ...``, ``failed: ...``, ``not run yet``).
@@ -21,11 +23,11 @@ from statistics import mean
 from typing import Any, Mapping, Optional, Sequence
 
 from gmp_dist.reporting.tables import markdown_table
-from gmp_dist.study.config import PaperNumber, option_text
+from gmp_dist.study.config import PaperNumber, flat_settings, option_text
 from gmp_dist.study.records import FINISHED, PointRecord
 
 CSV_COLUMNS = ("method", "sparsity", "mt", "oneshot_top1", "finetuned_top1", "flops_pruned", "kept_weights",
-               "collapsed_layers", "run_id", "given", "paper_top1")
+               "collapsed_layers", "run_id", "given", "paper_top1", "label")
 
 # label -> [(sparsity, the paper's number)], from the study's method entries
 References = Mapping[str, Sequence[tuple[float, PaperNumber]]]
@@ -38,7 +40,8 @@ class Row:
     target: Optional[float]  # the target sparsity; None for a sweep point
     mt: int
     records: list[PointRecord]
-    given: dict[str, Any] = field(default_factory=dict)  # a sweep point's {option: value}
+    # a sweep point's {option: value}, or {"sparsity": target} for a run that may end past its target
+    given: dict[str, Any] = field(default_factory=dict)
     paper: Optional[PaperNumber] = None  # the entry's reference at this target
 
     @property
@@ -47,6 +50,8 @@ class Row:
 
     @property
     def swept(self) -> bool:
+        """Whether the row stands where its runs landed (not at a target): a sweep point, or a target the
+        method may prune past."""
         return bool(self.given)
 
     @property
@@ -59,7 +64,8 @@ class Row:
         """What the row was given, for people: "sparsity 90%", "s_init -3"."""
         if not self.swept:
             return f"sparsity {100 * self.target:g}%"
-        return ", ".join(f"{k} {option_text(v)}" for k, v in self.given.items())
+        return ", ".join(f"sparsity {100 * v:g}%" if k == "sparsity" else f"{k} {option_text(v)}"
+                         for k, v in self.given.items())
 
     def values(self, attr: str) -> list[float]:
         return [float(getattr(r, attr)) for r in self.finished if getattr(r, attr) is not None]
@@ -108,7 +114,7 @@ def write_csv(rows: Sequence[Row], path: Path) -> Path:
             writer.writerow([row.method, _sparsity_csv(row), row.mt, _fixed(row.mean("oneshot_top1"), 2),
                              _fixed(row.mean("finetuned_top1"), 2), _fixed(row.mean("flops_pruned"), 4),
                              "" if kept is None else round(kept), ";".join(row.collapsed), row.outcome,
-                             _given_csv(row), "" if row.paper is None else f"{row.paper.top1:.2f}"])
+                             _given_csv(row), "" if row.paper is None else f"{row.paper.top1:.2f}", row.label])
     return path
 
 
@@ -146,8 +152,9 @@ def markdown(rows: Sequence[Row], title: str, dense_top1: Optional[float], seeds
     lines += [*recipe, ""] if recipe else []
     lines += [markdown_table(headers, body), ""]
     if any(row.swept for row in rows):
-        lines += ["A row given an option instead of a sparsity (a method that learns its sparsity) stands at the"
-                  " sparsity its run reached, measured from the final model.", ""]
+        lines += ["A row marked (reached) stands at the sparsity its run reached, measured from the final model: a"
+                  " method that learns its sparsity (given an option instead of a sparsity), or one that prunes past"
+                  " its target (given the target).", ""]
     if paper:
         lines += ["The paper's numbers (top-1 %, at the sparsity it reports; FLOPs pruned where given):", ""]
         lines += [f"- {line}" for line in paper] + [""]
@@ -184,6 +191,14 @@ def recipe_lines(base, entries) -> list[str]:
                for e in entries if e.options]
     if options:
         lines.append("Method options: " + "; ".join(options) + ".")
+    changes = [f"{e.name}: " + ", ".join(f"{k}={option_text(v)}" for k, v in sorted(flat_settings(e.set).items()))
+               for e in entries if e.set]
+    if changes:
+        iterative = any(flat_settings(e.set).get("prune.schedule") == "iterative" for e in entries)
+        lines.append("Entries that change the recipe (in every point of theirs): " + "; ".join(changes) + "."
+                     + (" With prune.schedule=iterative every round trains the recipe's epochs again, and the"
+                        " row's one-shot top-1 is its last round's masks on the weights that round starts from."
+                        if iterative else ""))
     return lines
 
 

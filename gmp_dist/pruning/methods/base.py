@@ -173,6 +173,12 @@ class PruningMethod:
         """Whether a Minimum Threshold means something with these options (``info.accepts_mt`` by default)."""
         return self.info.accepts_mt
 
+    def ends_at_target(self, options: Any = None) -> bool:
+        """Whether a run at ``prune.sparsity`` s ends at s (up to the rounding of per-layer counts), so a study
+        can plot it at its target. False where the method takes a target but may prune past it (``n_m`` with
+        ``global_first``: the pattern cuts what the global cut left)."""
+        return self.takes_sparsity(options)
+
     def check_run(self, options: Any, total_steps: int, epochs: int) -> None:
         """Raise UserError when the run is too short for this method's schedule (its key named)."""
 

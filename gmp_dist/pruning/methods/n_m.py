@@ -86,6 +86,9 @@ class NMSparsity(PruningMethod):
     def takes_mt(self, options=None) -> bool:
         return self.opts(options).global_first
 
+    def ends_at_target(self, options=None) -> bool:
+        return False  # global_first: N:M prunes past the global cut (a group keeps at most N survivors)
+
     def check(self, shapes, names, sparsity, min_weights, options, has_data) -> None:
         super().check(shapes, names, sparsity, min_weights, options, has_data)
         opts = self.opts(options)
