@@ -39,7 +39,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -47,13 +46,21 @@ import torch
 import yaml
 
 from gmp_dist import storage
+from gmp_dist.commands.iterative_files import (
+    STATE_FILE,
+    newest_epoch,
+    read_masks,
+    read_state,
+    read_weights,
+    save_file,
+    write_state,
+)
 from gmp_dist.config import RunConfig, dump_config, flatten_config, validate_config
 from gmp_dist.config.schema import IterativeCfg
 from gmp_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "iterative.json"
 START_FILE = "start.pt"
 REWIND_FILE = "rewind.pt"
 MASKS_FILE = "masks.pt"
@@ -182,14 +189,14 @@ def _train_round(it: _Iterative, r: int, masks_file: str, budget: Optional[int])
     opts, epochs = it.cfg.prune.iterative, it.cfg.train.epochs
     snapshot_epoch = opts.rewind_epoch if r == 1 and opts.rewind == "weights" else None
     if snapshot_epoch is not None and 0 < snapshot_epoch < epochs and not it.file(REWIND_FILE).is_file():
-        done = _newest_epoch(it.file(round_name(1)))
+        done = newest_epoch(it.file(round_name(1)))
         if done > snapshot_epoch:
             raise UserError(f"round 1 of {it.folder} trained past prune.iterative.rewind_epoch {snapshot_epoch}"
                             f" without its snapshot {REWIND_FILE}; delete the folder and start again")
         if done < snapshot_epoch:
             stop = snapshot_epoch if budget is None else min(snapshot_epoch, budget)
             out = _run_child(it, r, masks_file, stop, math.gcd(snapshot_epoch, it.cfg.checkpoint.every_epochs))
-            if _newest_epoch(it.file(round_name(1))) != snapshot_epoch:
+            if newest_epoch(it.file(round_name(1))) != snapshot_epoch:
                 return {**out, "stopped_early": True}  # train.stop_after_epochs came first
         _save_snapshot(it, _round_checkpoint_model(it, 1))
         if budget is not None and budget <= snapshot_epoch:
@@ -274,13 +281,13 @@ def _ensure_start(it: _Iterative) -> None:
     if cfg.model.pretrained:
         load_pretrained(model, cfg.model.pretrained, cfg.model.name, cfg.tracking.uri)
     state = model.state_dict()
-    _save(it.file(START_FILE), state)
+    save_file(it.file(START_FILE), state)
     if cfg.prune.iterative.rewind == "weights" and cfg.prune.iterative.rewind_epoch == 0:
-        _save(it.file(REWIND_FILE), state)
+        save_file(it.file(REWIND_FILE), state)
 
 
 def _save_snapshot(it: _Iterative, state: dict) -> None:
-    _save(it.file(REWIND_FILE), state)
+    save_file(it.file(REWIND_FILE), state)
     log.info("rewind snapshot (epoch %d of round 1) saved as %s", it.cfg.prune.iterative.rewind_epoch,
              it.file(REWIND_FILE))
 
@@ -293,11 +300,11 @@ def _ensure_masks(it: _Iterative, r: int, shapes: list[tuple[str, tuple[int, ...
     names = [n for n, _ in shapes]
     sparsity = round_sparsity(it.cfg.prune.sparsity, r, it.cfg.prune.iterative.rounds)
     if r == 1:
-        weights = _read_weights(it.file(START_FILE))
+        weights = read_weights(it.file(START_FILE))
         previous = _given_masks(it.cfg, shapes)
     else:
-        weights = _read_weights(it.file(round_name(r - 1), storage.FINAL_MODEL_NAME))
-        previous = _read_masks(it.file(round_name(r - 1), MASKS_FILE), names)
+        weights = read_weights(it.file(round_name(r - 1), storage.FINAL_MODEL_NAME))
+        previous = read_masks(it.file(round_name(r - 1), MASKS_FILE), names)
         for name, w, m in zip(names, (weights[n] for n in names), previous):
             assert not w[~m].any(), f"round {r - 1}'s final.pt holds a pruned weight of {name} that is not 0"
     tensors = [weights[n].detach().float() for n in names]
@@ -306,7 +313,7 @@ def _ensure_masks(it: _Iterative, r: int, shapes: list[tuple[str, tuple[int, ...
     for name, mask in zip(names, masks):
         masked[name] = weights[name] * mask.to(weights[name].dtype)
     kept, total = sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
-    _save(target, {"model": masked, "pruner": {"names": names, "masks": dict(zip(names, masks))},
+    save_file(target, {"model": masked, "pruner": {"names": names, "masks": dict(zip(names, masks))},
                    "iterative": {"round": r, "target_sparsity": sparsity, "kept": kept}})
     log.info("iterative round %d: Global MP%s to %.6f on %s: %d of %d weights kept", r,
              f" (MT {min_weights} per layer)" if min_weights else "", sparsity,
@@ -323,20 +330,6 @@ def _given_masks(cfg: RunConfig, shapes) -> Optional[list[torch.Tensor]]:
     return [found.masks[n] for n, _ in shapes]
 
 
-def _read_weights(where: storage.Location) -> dict[str, torch.Tensor]:
-    from gmp_dist.model_sources import model_weights, read_model_source
-
-    return model_weights(read_model_source(where.text))
-
-
-def _read_masks(where: storage.Location, names: Sequence[str]) -> list[torch.Tensor]:
-    from gmp_dist.checkpoint import load_checkpoint
-
-    with storage.local_file(where) as local:
-        masks = load_checkpoint(local)["pruner"]["masks"]
-    return [masks[n].to(torch.bool) for n in names]
-
-
 def _round_checkpoint_model(it: _Iterative, r: int) -> dict:
     """The model of round r's newest checkpoint, as the plain state_dict final.pt would hold."""
     from gmp_dist.checkpoint import load_checkpoint, newest_complete_checkpoint
@@ -351,14 +344,6 @@ def _round_checkpoint_model(it: _Iterative, r: int) -> dict:
     return get_method(it.cfg.prune.method).plain_state_dict(state, method_options(it.cfg.prune))
 
 
-def _newest_epoch(run: storage.Location) -> int:
-    from gmp_dist.checkpoint import load_checkpoint, newest_complete_checkpoint
-
-    with contextlib.ExitStack() as downloads:
-        local = newest_complete_checkpoint(run, downloads)
-        return int(load_checkpoint(local)["epoch"]) if local is not None else 0
-
-
 def _prunable_shapes(cfg: RunConfig) -> list[tuple[str, tuple[int, ...]]]:
     from gmp_dist.models.configured import build_configured_model
     from gmp_dist.pruning.selection import prunable_parameters
@@ -366,13 +351,6 @@ def _prunable_shapes(cfg: RunConfig) -> list[tuple[str, tuple[int, ...]]]:
     with torch.device("meta"):
         model = build_configured_model(cfg)
     return [(n, tuple(p.shape)) for n, p in prunable_parameters(model, cfg.prune.exclude)]
-
-
-def _save(where: storage.Location, state: dict) -> None:
-    from gmp_dist.checkpoint import save_checkpoint
-
-    with storage.writable(where) as path:
-        save_checkpoint(state, path)
 
 
 # ----- the parent run and the state file -----------------------------------------------------------------
@@ -409,22 +387,3 @@ def _open_parent(it: _Iterative, parent_run_id: Optional[str]) -> Optional[str]:
         state.update(parent_run_id=parent, tracking_uri=it.uri)
     write_state(it.folder, state)
     return parent
-
-
-def read_state(folder: storage.Location) -> dict:
-    where = folder.child(STATE_FILE)
-    if not where.is_file():
-        return {}
-    with storage.local_file(where) as path:
-        try:
-            state = json.loads(path.read_text())
-        except ValueError as exc:
-            raise UserError(f"{where} is not valid JSON ({exc}); delete the run folder to start again") from None
-    return state if isinstance(state, dict) else {}
-
-
-def write_state(folder: storage.Location, state: dict) -> None:
-    with storage.writable(folder.child(STATE_FILE)) as path:
-        partial = path.with_name(path.name + ".tmp")
-        partial.write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-        os.replace(partial, path)  # a crash leaves the previous state, never half of one
