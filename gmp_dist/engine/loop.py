@@ -169,19 +169,19 @@ def _train(cfg: RunConfig, env: WorkerEnv, checkpoints: TrainingCheckpoints, upl
     if cfg.train.compile:
         net = torch.compile(net)
     optimizer = build_optimizer(model, cfg.train, controller.optimizer_groups())
-    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch(cfg, loaders.train))
     autocast = _autocast_factory(cfg, ctx)
     state = RunState()
     if env.resume_from is not None:
-        restore_training_state(env.resume_from, model, optimizer, scheduler, controller, state, ctx)
-        # The LR depends on the global step alone: placed from it, not from the saved scheduler state (which
-        # may be a per-epoch one of an older version, or of another steps_per_epoch).
-        scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch(cfg, loaders.train), state.global_step)
+        restore_training_state(env.resume_from, model, optimizer, controller, state, ctx)
         if env.after_restore is not None:
             env.after_restore()
         if ctx.is_main and getattr(env.tracker, "logged_values", 0):
             log.info("MLflow run %s already holds %d metric values from before the restart; re-logged steps are"
                      " skipped", env.run_id, env.tracker.logged_values)
+
+    # The LR depends on the global step alone: placed from it (0, or the restored step), never from a saved
+    # scheduler state (which may be a per-epoch one of an older version, or of another steps_per_epoch).
+    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch(cfg, loaders.train), state.global_step)
 
     if state.epoch == 0 and controller.is_event(0, "epoch"):  # one-shot (or the first gradual) event
         report = controller.prune(0, optimizer)

@@ -91,7 +91,9 @@ def write_training_checkpoint(env, cfg, model, optimizer, scheduler, controller,
     return path
 
 
-def restore_training_state(path: Path, model, optimizer, scheduler, controller, state, ctx: DistContext) -> None:
+def restore_training_state(path: Path, model, optimizer, controller, state, ctx: DistContext) -> None:
+    """Model, masks, optimizer, RNG and counters from ``path``; the LR scheduler is not restored but rebuilt
+    from the global step (``engine.optim.build_scheduler``)."""
     ckpt = load_checkpoint(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"checkpoint {path} is not a gmp-dist training checkpoint (format {ckpt.get('format')!r},"
@@ -102,7 +104,6 @@ def restore_training_state(path: Path, model, optimizer, scheduler, controller, 
     except ValueError as exc:
         raise UserError(f"checkpoint {path}: {exc}") from None
     optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
     rng = ckpt.get("rng_per_rank") or [ckpt["rng"]]
     restore_rng_state(rng[ctx.rank] if len(rng) == ctx.world_size else rng[0])
     state.epoch = int(ckpt["epoch"])
